@@ -1,0 +1,115 @@
+"""The soft prompt: a `[P, H]` fp32 tensor, its initialisers, and the one forward-with-prompt.
+
+Initialisers are plain functions (tensors in, `[P, H]` out); callers embed token ids through
+`model.get_input_embeddings()(ids)`, so models that scale their embeddings (Gemma) get it right.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+
+class InitMethod(str, Enum):
+    TEXT = "text"
+    CLASS_LABELS = "class-labels"
+    VOCAB = "vocab"
+    RANDOM = "random"
+
+
+def from_embedded_text(text_embeddings: Tensor, num_tokens: int) -> Tensor:
+    """Lester's text init: the text's token embeddings `[T, H]`, repeated or truncated to `[P, H]`.
+
+    Raises:
+        ValueError: the text has no tokens.
+    """
+    if text_embeddings.shape[0] == 0:
+        raise ValueError("the init text has no tokens; pass a non-empty --init-text")
+    repeats = -(-num_tokens // text_embeddings.shape[0])  # ceil
+    return text_embeddings.repeat(repeats, 1)[:num_tokens].clone()
+
+
+def from_sample_of_embeddings(embeddings: Tensor, num_tokens: int, generator: torch.Generator) -> Tensor:
+    """Rows sampled without replacement (with, if too few) from `embeddings` `[V, H]`: `[P, H]`."""
+    replace = embeddings.shape[0] < num_tokens
+    index = torch.multinomial(torch.ones(embeddings.shape[0]), num_tokens, replacement=replace, generator=generator)
+    return embeddings[index].clone()
+
+
+def from_class_labels(label_embeddings: Tensor, vocab_embeddings: Tensor, num_tokens: int, generator: torch.Generator) -> Tensor:
+    """Lester's class-label init: the label tokens' embeddings first, then sampled vocabulary: `[P, H]`."""
+    labels = label_embeddings[:num_tokens]
+    rest = num_tokens - labels.shape[0]
+    if rest == 0:
+        return labels.clone()
+    return torch.cat([labels, from_sample_of_embeddings(vocab_embeddings, rest, generator)])
+
+
+def random_uniform(num_tokens: int, hidden_size: int, generator: torch.Generator, scale: float = 0.5) -> Tensor:
+    """Uniform in [-scale, scale] (Lester's random init): `[P, H]`."""
+    return (torch.rand(num_tokens, hidden_size, generator=generator) * 2 - 1) * scale
+
+
+def embed_ids(model: PreTrainedModel, ids: list[int]) -> Tensor:
+    """Token embeddings as the model sees them, fp32 on CPU: `[len(ids), H]`."""
+    embedding = model.get_input_embeddings()
+    device = embedding.weight.device
+    with torch.no_grad():
+        return embedding(torch.tensor(ids, device=device)).float().cpu()
+
+
+def prepend(prompt: Tensor | None, inputs_embeds: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """`[prompt; input]` for a right-padded batch.
+
+    Args:
+        prompt: `[P, H]` shared by every row, `[B, P, H]` one per row, or None (no prompt).
+        inputs_embeds: `[B, T, H]`.
+        attention_mask: `[B, T]`.
+
+    Returns:
+        embeds `[B, P+T, H]` in the model's dtype and mask `[B, P+T]`.
+    """
+    if prompt is None:
+        return inputs_embeds, attention_mask
+    batch = inputs_embeds.shape[0]
+    if prompt.dim() == 2:
+        prompt = prompt.unsqueeze(0).expand(batch, -1, -1)
+    prompt = prompt.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+    embeds = torch.cat([prompt, inputs_embeds], dim=1)  # [B, P+T, H]
+    prompt_mask = attention_mask.new_ones(batch, prompt.shape[1])
+    return embeds, torch.cat([prompt_mask, attention_mask], dim=1)
+
+
+def output_logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
+    """The LM head on selected hidden states `[N, H]`: logits `[N, V]` (Gemma's soft-capping included)."""
+    logits = model.get_output_embeddings()(hidden)
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
+def logits_at(
+    model: PreTrainedModel, prompt: Tensor | None, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, positions: Tensor
+) -> Tensor:
+    """The one forward-with-prompt: logits only where a loss or a score needs them.
+
+    The unmodified HF model runs on `[prompt; input]`; the LM head runs only on the hidden states at
+    (`rows[i]`, `positions[i]`), positions counted in `input_ids` (the prompt offset is added here).
+
+    Args:
+        prompt: `[P, H]`, `[B, P, H]` or None.
+        input_ids, attention_mask: `[B, T]`, right-padded.
+        rows, positions: `[N]` each.
+
+    Returns:
+        logits `[N, V]` in fp32.
+    """
+    inputs_embeds = model.get_input_embeddings()(input_ids)  # [B, T, H]
+    embeds, mask = prepend(prompt, inputs_embeds, attention_mask)
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    offset = 0 if prompt is None else prompt.shape[-2]
+    return output_logits(model, hidden[rows, positions + offset])  # [N, V]
