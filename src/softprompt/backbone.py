@@ -169,6 +169,18 @@ def model_folder(name: str) -> tuple[Path | str, str | None]:
     )
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer alone: from the cached copy of a preset if there is one, else from its GGUF file."""
+    if name in PRESETS:
+        gguf = preset_gguf_path(PRESETS[name])
+        folder = cache_root() / "models" / name
+        if (folder / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    source, gguf_file = model_folder(name)
+    return AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
     """Turn off every parameter's gradient and dropout: the backbone never changes."""
     model.requires_grad_(False)

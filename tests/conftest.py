@@ -1,0 +1,46 @@
+"""Shared fixtures: SmolLM2's tokenizer, tiny random models of several architectures, small data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from softprompt.backbone import Backbone, load_tokenizer, model_from_config
+
+FIXTURE_DATA = Path(__file__).parent / "fixtures" / "superglue"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"
+
+# Tiny configs of four architectures; vocab 49152 so SmolLM2's tokenizer fits every one.
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+    "bloom": dict(model_type="bloom", vocab_size=49152, hidden_size=16, n_layer=2, n_head=4),
+    "gpt2": dict(model_type="gpt2", vocab_size=49152, n_embd=16, n_layer=2, n_head=4, n_positions=512,
+                 bos_token_id=1, eos_token_id=2),
+    "gemma": dict(model_type="gemma3_text", vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=4, max_position_embeddings=512,
+                  sliding_window=64, final_logit_softcapping=30.0),
+}
+ARCHITECTURES = list(TINY_CONFIGS)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    tok = load_tokenizer()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture
+def tiny_backbone(tokenizer, request) -> Backbone:
+    """A tiny random model; parametrize indirectly with an architecture name (default llama)."""
+    arch = getattr(request, "param", "llama")
+    return model_from_config(TINY_CONFIGS[arch], tokenizer, seed=0)
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """A few KB of real SuperGLUE rows (shortest rows of each split, every label present)."""
+    return FIXTURE_DATA
