@@ -1,0 +1,120 @@
+"""Token ids and batches: which positions get scored, against which targets, on legible ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from softprompt.batch import Encoded, bucketed_batches, encode, length_of, score_batch, sorted_chunks, train_batch
+from softprompt.tasks import Example
+
+PAD = 0
+
+
+def test_encode_tokenizes_context_and_choices_apart(tokenizer):
+    example = Example("Is it raining?\nAnswer:", (" True", " False"), 1)
+    encoded = encode(tokenizer, example, max_length=64)
+    assert encoded.context == tokenizer("Is it raining?\nAnswer:")["input_ids"]
+    assert encoded.choices == ([tokenizer(" True", add_special_tokens=False)["input_ids"][0]],
+                               [tokenizer(" False", add_special_tokens=False)["input_ids"][0]])
+    assert encoded.label == 1
+
+
+def test_encode_drops_the_start_of_a_long_context(tokenizer):
+    example = Example("one two three four five six seven eight nine ten\nAnswer:", (" he wore a hat.", " no"), 0)
+    full = encode(tokenizer, example, max_length=1000)
+    longest_choice = len(full.choices[0])
+    short = encode(tokenizer, example, max_length=longest_choice + 4)
+    assert short.context == full.context[-4:]  # the end ("...\nAnswer:") is kept
+    assert length_of(short) == longest_choice + 4
+
+
+def test_encode_without_room(tokenizer):
+    example = Example("text", (" he wore a hat.",), 0)
+    with pytest.raises(ValueError, match=r"max_length=2 leaves no room for the context; raise --max-length"):
+        encode(tokenizer, example, max_length=2)
+
+
+def test_train_batch_scores_every_answer_token_with_teacher_forcing():
+    items = [Encoded([5, 6, 7], ([8], [9, 10]), 1), Encoded([11], ([12], [13]), 0)]
+    batch = train_batch(items, PAD)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 9, 10], [11, 12, PAD, PAD, PAD]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch.rows.tolist() == [0, 0, 1]
+    assert batch.positions.tolist() == [2, 3, 0]  # the logits at position p predict token p+1
+    assert batch.targets.tolist() == [9, 10, 12]
+    assert batch.segments.tolist() == [0, 0, 1]
+    assert batch.pairs == [(0, 1), (1, 0)]
+    assert batch.num_tokens == 7
+    for row, pos, target in zip(batch.rows, batch.positions, batch.targets):
+        assert batch.input_ids[row, pos + 1] == target
+
+
+def test_score_batch_single_token_choices_share_one_row():
+    items = [Encoded([5, 6], ([8], [9], [10]), 2), Encoded([7], ([8], [9], [10]), 0)]
+    batch = score_batch(items, first_index=10, pad_id=PAD)
+    assert batch.input_ids.tolist() == [[5, 6], [7, PAD]]
+    assert batch.rows.tolist() == [0, 0, 0, 1, 1, 1]
+    assert batch.positions.tolist() == [1, 1, 1, 0, 0, 0]
+    assert batch.targets.tolist() == [8, 9, 10, 8, 9, 10]
+    assert batch.segments.tolist() == [0, 1, 2, 3, 4, 5]
+    assert batch.pairs == [(10, 0), (10, 1), (10, 2), (11, 0), (11, 1), (11, 2)]
+
+
+def test_score_batch_multi_token_choices():
+    items = [Encoded([5, 6], ([8, 9, 4], [3], [8, 9, 7]), 0)]
+    batch = score_batch(items, first_index=0, pad_id=PAD)
+    # the two 3-token choices share the input [5, 6, 8, 9]; [3] needs only the context
+    assert batch.input_ids.tolist() == [[5, 6, 8, 9], [5, 6, PAD, PAD]]
+    assert list(zip(batch.rows.tolist(), batch.positions.tolist(), batch.targets.tolist(), batch.segments.tolist())) == [
+        (0, 1, 8, 0), (0, 2, 9, 0), (0, 3, 4, 0),
+        (1, 1, 3, 1),
+        (0, 1, 8, 2), (0, 2, 9, 2), (0, 3, 7, 2),
+    ]
+
+
+def test_score_batch_positions_see_exactly_context_and_choice_prefix():
+    """For every scored token, the row up to its position is context + the choice's earlier tokens."""
+    items = [Encoded([1, 2, 3], ([4, 5], [4, 6, 7], [8]), 1), Encoded([9], ([4], [5, 5, 5]), 1)]
+    batch = score_batch(items, first_index=0, pad_id=PAD)
+    seen = {}
+    for row, pos, target, segment in zip(batch.rows, batch.positions, batch.targets, batch.segments):
+        e, c = batch.pairs[segment]
+        j = seen.get(int(segment), 0)
+        seen[int(segment)] = j + 1
+        item = items[e]
+        assert batch.input_ids[row, : pos + 1].tolist() == item.context + item.choices[c][:j]
+        assert batch.attention_mask[row, : pos + 1].all()
+        assert target == item.choices[c][j]
+    assert seen == {s: len(items[e].choices[c]) for s, (e, c) in enumerate(batch.pairs)}
+
+
+def test_batch_to_device_keeps_everything():
+    batch = train_batch([Encoded([5], ([8],), 0)], PAD).to(torch.device("cpu"))
+    assert batch.pairs == [(0, 0)] and batch.targets.tolist() == [8]
+
+
+def items_of_lengths(lengths: list[int]) -> list[Encoded]:
+    return [Encoded([1] * (n - 1), ([2],), 0) for n in lengths]
+
+
+def test_sorted_chunks_cover_every_item_longest_first():
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    chunks = sorted_chunks(items_of_lengths(lengths), batch_size=3)
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert sorted(i for c in chunks for i in c) == list(range(7))
+    assert [lengths[i] for c in chunks for i in c] == sorted(lengths, reverse=True)
+
+
+def test_bucketed_batches_are_a_seeded_shuffle_of_similar_lengths():
+    lengths = torch.randperm(32, generator=torch.Generator().manual_seed(3)).add(2).tolist()
+    items = items_of_lengths(lengths)
+    batches = bucketed_batches(items, batch_size=2, generator=torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(32))
+    assert all(len(b) == 2 for b in batches)
+    # one window holds all 32 items, so each batch pairs neighbours in length
+    assert all(abs(lengths[a] - lengths[b]) == 1 for a, b in batches)
+    again = bucketed_batches(items, batch_size=2, generator=torch.Generator().manual_seed(0))
+    other = bucketed_batches(items, batch_size=2, generator=torch.Generator().manual_seed(1))
+    assert batches == again and batches != other
+    assert [lengths[b[0]] for b in batches] != sorted(lengths[b[0]] for b in batches)  # batch order is shuffled
