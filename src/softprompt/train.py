@@ -89,8 +89,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.patience < 0:
-            raise ValueError(f"--patience must be >= 0, got {self.patience}")
+        if self.patience < 1:
+            raise ValueError(f"--patience must be at least 1, got {self.patience}")
         if not 0 < self.dev_fraction < 1:
             raise ValueError(f"--dev-fraction must be between 0 and 1, got {self.dev_fraction}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -236,7 +236,7 @@ def train(
         else:
             bad_epochs += 1
         atomic_write_json(out_dir / RUN_FILE, record)
-        if bad_epochs > config.patience or (config.max_steps is not None and step >= config.max_steps):
+        if bad_epochs >= config.patience or (config.max_steps is not None and step >= config.max_steps):
             break
 
 

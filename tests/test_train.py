@@ -1,0 +1,197 @@
+"""Training on tiny models with the fixture data: frozen backbone, exact run folder, divergence, config errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, TINY_CONFIGS
+from softprompt.backbone import model_from_config
+from softprompt.batch import encode, train_batch
+from softprompt.runs import PROMPT_FILE, RUN_FILE, load_prompt
+from softprompt.tasks import TASKS, load_examples
+from softprompt.train import TrainConfig, TrainingDiverged, initial_prompt, loss_step, make_splits, train
+
+# 24 train rows per task in the fixture: a dev slice of 6, 18 left to train on.
+TINY = dict(num_tokens=4, lr=0.3, epochs=1, min_dev_examples=6, batch_size=8, device="cpu")
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"task": "cb", **TINY, **overrides})
+
+
+def run_tiny(backbone, out, data_dir, **overrides) -> dict:
+    return train(tiny_config(**overrides), out, backbone=backbone, data_dir=data_dir, progress=False)
+
+
+def test_only_the_prompt_gets_a_gradient(tiny_backbone, data_dir):
+    model = tiny_backbone.model
+    assert not any(p.requires_grad for p in model.parameters())
+    items = [encode(tiny_backbone.tokenizer, e, 256) for e in load_examples(TASKS["cb"], "train", data_dir)[:4]]
+    prompt = torch.nn.Parameter(torch.randn(3, tiny_backbone.hidden_size))
+    loss_step(tiny_backbone, prompt, train_batch(items, tiny_backbone.tokenizer.pad_token_id)).backward()
+    assert prompt.grad is not None and torch.isfinite(prompt.grad).all() and prompt.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("tiny_backbone", ARCHITECTURES, ids=ARCHITECTURES, indirect=True)
+def test_backbone_is_bit_identical_after_training(tiny_backbone, data_dir, tmp_path):
+    model = tiny_backbone.model
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    init = initial_prompt(tiny_backbone, TASKS["cb"], tiny_config(), torch.Generator().manual_seed(0))
+
+    record = run_tiny(tiny_backbone, tmp_path, data_dir)
+
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert changed == []
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert record["steps"] == 3  # 18 examples in batches of 8
+    prompt, _ = load_prompt(tmp_path)
+    assert not torch.equal(prompt, init)  # the prompt did train
+
+
+def test_run_folder_holds_exactly_the_prompt_and_the_record(tiny_backbone, data_dir, tmp_path):
+    config = tiny_config(epochs=3, patience=10)
+    record = train(config, tmp_path, backbone=tiny_backbone, data_dir=data_dir, progress=False)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PROMPT_FILE, RUN_FILE]
+    on_disk = json.loads((tmp_path / RUN_FILE).read_text())
+    assert on_disk == record
+    assert on_disk["status"] == "done" and on_disk["task"] == "cb" and on_disk["model"] == "random-llama"
+    assert on_disk["config"] == config.to_json()
+    assert on_disk["config"]["init"] == "text" and on_disk["config"]["early_stop_on"] == "dev"
+    assert TrainConfig(**on_disk["config"]) == config  # the record re-creates the run's config
+    assert on_disk["data"] == {"train": 18, "dev": 6, "val": 6, "early_stop_on": "dev"}
+    assert {"softprompt", "torch", "transformers", "python", "git_commit"} <= on_disk["provenance"].keys()
+    assert [h["epoch"] for h in on_disk["history"]] == [1, 2, 3]
+    assert [h["step"] for h in on_disk["history"]] == [3, 6, 9]
+    for h in on_disk["history"]:
+        assert {"train_loss", "dev_loss", "dev_accuracy", "tokens_per_s"} <= h.keys()
+    assert {"accuracy", "exact_match", "macro_f1", "loss", "n"} <= on_disk["val"].keys()
+    assert on_disk["val"]["n"] == 6 and on_disk["dev"]["n"] == 6
+    # the prompt kept is the best by dev loss
+    best = min(on_disk["history"], key=lambda h: h["dev_loss"])
+    assert on_disk["best_epoch"] == best["epoch"]
+    assert on_disk["dev"]["loss"] == pytest.approx(best["dev_loss"], abs=1e-5)
+    prompt, metadata = load_prompt(tmp_path, hidden_size=tiny_backbone.hidden_size)
+    assert prompt.shape == (4, tiny_backbone.hidden_size)
+    assert metadata["epoch"] == str(best["epoch"]) and metadata["task"] == "cb" and metadata["init"] == "text"
+
+
+def test_loss_goes_down_on_a_tiny_overfit(tokenizer, data_dir, tmp_path):
+    # initializer_range 0.5: big enough weights that a 4-token prompt can move the output
+    backbone = model_from_config({**TINY_CONFIGS["llama"], "initializer_range": 0.5}, tokenizer)
+    record = run_tiny(backbone, tmp_path, data_dir, epochs=5, patience=10)
+    losses = [h["train_loss"] for h in record["history"]]
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_same_seed_same_prompt_other_seed_other_prompt(tiny_backbone, data_dir, tmp_path):
+    run_tiny(tiny_backbone, tmp_path / "a", data_dir, init="random", seed=1)
+    run_tiny(tiny_backbone, tmp_path / "b", data_dir, init="random", seed=1)
+    run_tiny(tiny_backbone, tmp_path / "c", data_dir, init="random", seed=2)
+    a, b, c = (load_prompt(tmp_path / name)[0] for name in "abc")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_max_steps_and_grad_accum_count_optimizer_steps(tiny_backbone, data_dir, tmp_path):
+    assert run_tiny(tiny_backbone, tmp_path / "a", data_dir, epochs=5, max_steps=2)["steps"] == 2
+    # 3 batches per epoch, 2 per step: steps after batch 2 and after the last one
+    record = run_tiny(tiny_backbone, tmp_path / "b", data_dir, epochs=2, grad_accum=2)
+    assert [h["step"] for h in record["history"]] == [2, 4]
+
+
+def test_nan_loss_stops_with_diverged_status_and_keeps_the_last_good_prompt(tokenizer, data_dir, tmp_path):
+    # GPT-2's LayerNorm turns a prompt of +-1e30 (one Adam step at lr 1e30) into NaN
+    backbone = model_from_config(TINY_CONFIGS["gpt2"], tokenizer)
+    init = initial_prompt(backbone, TASKS["cb"], tiny_config(), torch.Generator().manual_seed(0))
+
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, step 2; the last good prompt is kept in .*prompt\.safetensors"):
+        run_tiny(backbone, tmp_path, data_dir, lr=1e30, epochs=3)
+
+    record = json.loads((tmp_path / RUN_FILE).read_text())
+    assert record["status"] == "diverged" and "loss is nan" in record["error"]
+    prompt, _ = load_prompt(tmp_path)
+    assert torch.isfinite(prompt).all()
+    assert torch.equal(prompt, init)  # the last good prompt is the init: no epoch finished
+
+
+def test_early_stop_on_val_is_recorded(tiny_backbone, data_dir, tmp_path):
+    record = run_tiny(tiny_backbone, tmp_path, data_dir, early_stop_on="val")
+    assert record["data"] == {"train": 24, "dev": 6, "val": 6, "early_stop_on": "val"}  # dev is val, train is all
+    assert record["config"]["early_stop_on"] == "val"
+    assert record["dev"] == record["val"]
+
+
+def test_patience_counts_epochs_without_improvement(tiny_backbone, data_dir, tmp_path):
+    """lr 1e-30 leaves the prompt bit-identical, so the dev loss never improves after epoch 1."""
+    record = run_tiny(tiny_backbone, tmp_path, data_dir, lr=1e-30, epochs=20, patience=2)
+    assert len({h["dev_loss"] for h in record["history"]}) == 1
+    assert len(record["history"]) == 1 + 2  # the best epoch, then `patience` epochs without a better dev loss
+    assert record["best_epoch"] == 1
+
+
+def test_splits_are_stratified_disjoint_and_seeded_by_data_seed(data_dir):
+    task = TASKS["cb"]
+    splits = make_splits(task, tiny_config(min_dev_examples=6), data_dir)
+    assert (len(splits.train), len(splits.dev), len(splits.val)) == (18, 6, 6)
+    assert sorted(e.label for e in splits.dev) == [0, 0, 1, 1, 2, 2]
+    assert not {e.text for e in splits.train} & {e.text for e in splits.dev}
+    assert {e.text for e in splits.train} | {e.text for e in splits.dev} == {e.text for e in load_examples(task, "train", data_dir)}
+    same = make_splits(task, tiny_config(seed=5), data_dir)  # the training seed does not move the dev slice
+    other = make_splits(task, tiny_config(data_seed=5), data_dir)
+    assert [e.text for e in same.dev] == [e.text for e in splits.dev]
+    assert {e.text for e in other.dev} != {e.text for e in splits.dev}
+    small = make_splits(task, tiny_config(max_train_examples=6), data_dir)
+    assert sorted(e.label for e in small.train) == [0, 0, 1, 1, 2, 2]
+    assert [e.text for e in small.dev] == [e.text for e in splits.dev]
+
+
+def test_too_few_examples_for_the_dev_slice(data_dir):
+    with pytest.raises(ValueError, match=r"cb has 24 train examples, too few for a dev slice of 32"):
+        make_splits(TASKS["cb"], TrainConfig(task="cb"), data_dir)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_tokens", 0, "--num-tokens must be at least 1, got 0"),
+        ("lr", 0.0, "--lr must be a positive number, got 0.0"),
+        ("lr", float("nan"), "--lr must be a positive number, got nan"),
+        ("patience", -1, "--patience must be at least 1, got -1"),
+        ("patience", 0, "--patience must be at least 1, got 0"),
+        ("batch_size", 0, "--batch-size must be at least 1, got 0"),
+        ("grad_accum", 0, "--grad-accum must be at least 1, got 0"),
+        ("epochs", 0, "--epochs must be at least 1, got 0"),
+        ("max_steps", 0, "--max-steps must be at least 1, got 0"),
+        ("max_train_examples", -3, "--max-train-examples must be at least 1, got -3"),
+        ("dev_fraction", 1.0, "--dev-fraction must be between 0 and 1, got 1.0"),
+        ("weight_decay", -0.1, "--weight-decay must be >= 0, got -0.1"),
+        ("max_grad_norm", 0.0, "--max-grad-norm must be positive, got 0.0"),
+        ("init_text", "  ", "--init-text is empty"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and not v.startswith("--") and v.strip() else None,
+)
+def test_config_errors_name_the_flag(field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(task="cb", **{field: value})
+
+
+def test_config_rejects_unknown_task_and_init():
+    with pytest.raises(ValueError, match="unknown task 'boolq'; choose one of: cb, rte, copa, wsc"):
+        TrainConfig(task="boolq")
+    with pytest.raises(ValueError, match="'words' is not a valid InitMethod"):
+        TrainConfig(task="cb", init="words")
+
+
+def test_config_round_trips_through_json():
+    config = TrainConfig(task="wsc", init="class-labels", early_stop_on="val", max_steps=3)
+    assert TrainConfig(**json.loads(json.dumps(config.to_json()))) == config
+    assert set(config.to_json()) == {f.name for f in fields(TrainConfig)}
