@@ -44,3 +44,12 @@ def tiny_backbone(tokenizer, request) -> Backbone:
 def data_dir() -> Path:
     """A few KB of real SuperGLUE rows (shortest rows of each split, every label present)."""
     return FIXTURE_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 16) and SmolLM2's tokenizer saved as an ordinary HF model folder."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model_from_config(TINY_CONFIGS["llama"], tokenizer).model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
