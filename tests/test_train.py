@@ -56,6 +56,15 @@ def test_backbone_is_bit_identical_after_training(tiny_backbone, data_dir, tmp_p
     assert not torch.equal(prompt, init)  # the prompt did train
 
 
+@pytest.mark.parametrize("task", list(TASKS), ids=list(TASKS))
+def test_every_task_trains_and_reports(task, tiny_backbone, data_dir, tmp_path):
+    record = run_tiny(tiny_backbone, tmp_path, data_dir, task=task, init="class-labels", max_steps=1)
+    n_val = len(load_examples(TASKS[task], "val", data_dir))
+    assert record["status"] == "done" and record["task"] == task and record["steps"] == 1
+    assert record["val"]["n"] == n_val and 0 <= record["val"]["accuracy"] <= 100
+    assert load_prompt(tmp_path)[0].shape == (4, tiny_backbone.hidden_size)
+
+
 def test_run_folder_holds_exactly_the_prompt_and_the_record(tiny_backbone, data_dir, tmp_path):
     config = tiny_config(epochs=3, patience=10)
     record = train(config, tmp_path, backbone=tiny_backbone, data_dir=data_dir, progress=False)
