@@ -42,6 +42,7 @@ from softprompt.runs import (
     load_prompt,
     provenance,
     read_run,
+    remove_temp_files,
     save_checkpoint,
     save_prompt,
 )
@@ -233,6 +234,8 @@ def train(
     header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed)}
     state = Progress()
     checkpoint = out_dir / CHECKPOINT_FILE
+    if resume:
+        remove_temp_files(out_dir)
     if resume and checkpoint.is_file():
         state = restore_checkpoint(checkpoint, prompt, optimizer, generator)
     else:
