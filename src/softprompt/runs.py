@@ -28,8 +28,10 @@ RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 PROMPT_KEY = "prompt"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# torch.save writes a zip archive ("PK\x03\x04"); a bare pickle starts with the PROTO opcode 0x80.
-PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
+# torch.save writes a zip archive ("PK\x03\x04"); a bare pickle starts with PROTO 2..5 ("\x80\x02").
+# A safetensors file starts with its header's length (8 bytes, little-endian) and then "{", and that
+# length may begin with the same bytes, so the "{" at offset 8 tells them apart.
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 class PromptFileError(ValueError):
@@ -49,7 +51,7 @@ def refuse_pickle(path: Path, data: bytes, error: type[ValueError]) -> None:
 
     A torch.save file renamed to `.safetensors` is caught by its magic bytes; it is never unpickled.
     """
-    if path.suffix in PICKLE_SUFFIXES or data.startswith(PICKLE_MAGIC):
+    if path.suffix in PICKLE_SUFFIXES or (data.startswith(PICKLE_MAGIC) and data[8:9] != b"{"):
         raise error(
             f"{path}: refusing a pickle-based file (torch.save / pickle format); loading it could run "
             f"arbitrary code. softprompt loads safetensors only: convert it with safetensors.torch.save_file"
