@@ -387,3 +387,17 @@ def test_out_of_range_flags_are_refused_before_any_model_loads(tmp_path, monkeyp
 def test_missing_or_malformed_flags_exit_2(args, message):
     result = CliRunner().invoke(app, ["train", *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_ctrl_c_tells_how_to_resume(tmp_path, model_dir, monkeypatch):
+    crash_after_forward(monkeypatch, 4)  # KeyboardInterrupt, as Ctrl-C raises it
+    out = tmp_path / "run"
+    args = ["train", "--task", "cb", "--model", str(model_dir), "--data-dir", str(FIXTURE_DATA), "--min-dev-examples", "4",
+            "--batch-size", "4", "--num-tokens", "4", "--max-length", "64", "--device", "cpu", "--epochs", "1",
+            "--checkpoint-every", "1", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130
+    assert f"interrupted; continue from the last checkpoint with: softprompt train --resume {out}" in result.output
+    monkeypatch.undo()
+    assert CliRunner().invoke(app, ["train", "--resume", str(out)]).exit_code == 0
+    assert read_run(out)["resumed_at_step"] == [3]

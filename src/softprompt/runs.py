@@ -258,5 +258,6 @@ def provenance() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),  # CPU reductions may round differently with another count
         "git_commit": git_commit(),
     }

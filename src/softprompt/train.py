@@ -232,23 +232,18 @@ def train(
     prompt = torch.nn.Parameter(initial_prompt(backbone, task, config, generator).to(device))
     optimizer = torch.optim.AdamW([prompt], lr=config.lr, weight_decay=config.weight_decay)
     header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed)}
-    state = Progress()
     checkpoint = out_dir / CHECKPOINT_FILE
-    if resume:
-        remove_temp_files(out_dir)
-    if resume and checkpoint.is_file():
-        state = restore_checkpoint(checkpoint, prompt, optimizer, generator)
-    else:
-        save_prompt(out_dir / PROMPT_FILE, prompt, header)  # the init, so a prompt file exists from the start
+    state = start_or_resume(out_dir, resume, prompt, optimizer, generator, header)
+    data.update(train=len(train_items), dev=len(dev_items), val=len(val_items), early_stop_on=config.early_stop_on.value)
     record = {
         "status": "running",
         "task": task.name,
         "model": backbone.name,
         "config": config.to_json(),
-        "data": {**data, "train": len(train_items), "dev": len(dev_items), "val": len(val_items), "early_stop_on": config.early_stop_on.value},
+        "data": data,
         "provenance": provenance(),
         "resumed_at_step": [*read_run(out_dir).get("resumed_at_step", []), state.step] if resume else [],
-        "history": state.history,
+        "history": state.history,  # the same list `end_epoch` appends to
     }
     atomic_write_json(out_dir / RUN_FILE, record)
 
@@ -297,6 +292,22 @@ def train(
     record["status"] = "done"
     atomic_write_json(out_dir / RUN_FILE, record)
     return record
+
+
+def start_or_resume(
+    out_dir: Path, resume: bool, prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer, generator: torch.Generator, header: dict
+) -> Progress:
+    """Restore the last checkpoint when resuming and there is one; otherwise save the initial prompt.
+
+    A run killed before its first checkpoint resumes from step 0, which is the same as starting over.
+    """
+    checkpoint = out_dir / CHECKPOINT_FILE
+    if resume:
+        remove_temp_files(out_dir)  # a kill mid-write leaves `.NAME.*.tmp`; the real files are whole
+        if checkpoint.is_file():
+            return restore_checkpoint(checkpoint, prompt, optimizer, generator)
+    save_prompt(out_dir / PROMPT_FILE, prompt, header)  # the init, so a prompt file exists from the start
+    return Progress()
 
 
 def optimizer_step(
