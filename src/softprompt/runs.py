@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
@@ -104,6 +104,20 @@ def save_prompt(path: Path, prompt: Tensor, metadata: dict[str, str] | None = No
     header.update(num_tokens=str(prompt.shape[0]), hidden_size=str(prompt.shape[1]), sha256=tensor_sha256(prompt))
     atomic_write_bytes(Path(path), st_save({PROMPT_KEY: prompt}, metadata=header))
 
+def read_safetensors(path: Path, data: bytes, error: type[ValueError]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header metadata) of safetensors bytes, both from `data`.
+
+    Both come from the same bytes: opening `path` a second time could read a newer file that was
+    renamed into place in between, whose header would not match these tensors.
+    """
+    try:
+        tensors = st_load(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    except (SafetensorError, ValueError) as e:
+        raise error(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return tensors, header.get("__metadata__") or {}
+
+
 def prompt_path(path: Path) -> Path:
     path = Path(path)
     return path / PROMPT_FILE if path.is_dir() else path
@@ -125,12 +139,7 @@ def load_prompt(path: Path, hidden_size: int | None = None) -> tuple[Tensor, dic
         raise PromptFileError(f"prompt file not found: {path}")
     data = path.read_bytes()
     refuse_pickle(path, data, PromptFileError)
-    try:
-        tensors = st_load(data)
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, ValueError, OSError) as e:
-        raise PromptFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    tensors, metadata = read_safetensors(path, data, PromptFileError)
     if PROMPT_KEY not in tensors:
         raise PromptFileError(f"{path}: no '{PROMPT_KEY}' tensor (found {sorted(tensors)})")
     prompt = tensors[PROMPT_KEY].float()
@@ -180,12 +189,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
         raise CheckpointError(f"checkpoint not found: {path}")
     data = path.read_bytes()
     refuse_pickle(path, data, CheckpointError)
-    try:
-        tensors = st_load(data)
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    tensors, header = read_safetensors(path, data, CheckpointError)
     if "state" not in header or "sha256" not in header:
         raise CheckpointError(f"{path}: not a softprompt checkpoint (no state or checksum in its header)")
     if _digest(tensors, header["state"]) != header["sha256"]:
