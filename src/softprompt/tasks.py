@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DATA_DIR_ENV = "SOFTPROMPT_DATA_DIR"
@@ -37,7 +37,7 @@ class Task:
     to_example: Callable[[dict], Example]
     labels: tuple  # raw label values in label order: index i <-> choices[i]
     init_text: str  # the paper's hand-written "good prompt"
-    fields: dict[str, type]  # fields every labelled row must have, and their JSON types
+    fields: dict[str, type] = field(hash=False)  # fields every labelled row must have, and their JSON types
     label_words: tuple[str, ...]  # tokens for the class-label init (the verbalizers)
 
     def label_index(self, row: dict) -> int:
