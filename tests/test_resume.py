@@ -87,7 +87,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(model_dir, reference, tm
     out = tmp_path / "run"
     args = ["-m", "softprompt.cli", "train", *cli_args(model_dir), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    child = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "child.log"
+    with open(log, "wb") as sink:
+        child = subprocess.Popen([sys.executable, *args], env=env, stdout=sink, stderr=subprocess.STDOUT)
     killed_at = None
     try:
         deadline = time.time() + 90
@@ -103,7 +105,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(model_dir, reference, tm
         if child.poll() is None and killed_at is None:
             child.kill()
         child.wait()
-    assert killed_at is not None, "the child finished or stalled before it could be killed mid-epoch"
+    assert killed_at is not None, f"the child finished or stalled before it could be killed mid-epoch:\n{log.read_text()[-2000:]}"
     assert child.returncode == -signal.SIGKILL
     assert read_run(out)["status"] == "running"  # a killed run is not finished ...
     _, state = load_checkpoint(out / CHECKPOINT_FILE)  # ... and its last checkpoint is intact
