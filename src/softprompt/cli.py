@@ -11,14 +11,15 @@ from enum import Enum
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from softprompt.backbone import DEFAULT_MODEL, load_backbone
 from softprompt.batch import encode
 from softprompt.evaluate import PromptMode, metrics, score
 from softprompt.prompt import embed_ids
-from softprompt.runs import atomic_write_json, load_prompt
+from softprompt.runs import atomic_write_json, load_finished_run, load_prompt, read_run
 from softprompt.tasks import DATA_DIR_ENV, DataError, get_task, load_examples
-from softprompt.train import TrainConfig, TrainingDiverged, train
+from softprompt.train import TrainConfig, TrainingDiverged, config_from_run, train
 
 
 def _click_type(annotation) -> tuple[object, bool]:
@@ -32,8 +33,11 @@ def _click_type(annotation) -> tuple[object, bool]:
     return annotation, optional
 
 
-def options_from(config_cls: type, exclude: tuple[str, ...] = ()):
-    """A decorator adding one click option per dataclass field: the dataclass is the schema."""
+def options_from(config_cls: type, exclude: tuple[str, ...] = (), optional: tuple[str, ...] = ()):
+    """A decorator adding one click option per dataclass field: the dataclass is the schema.
+
+    Fields without a default are required options, except those in `optional` (checked by the command).
+    """
     hints = typing.get_type_hints(config_cls)
 
     def decorate(func):
@@ -41,8 +45,8 @@ def options_from(config_cls: type, exclude: tuple[str, ...] = ()):
             if f.name in exclude:
                 continue
             click_type, _ = _click_type(hints[f.name])
-            required = f.default is dataclasses.MISSING
-            default = None if required else f.default
+            required = f.default is dataclasses.MISSING and f.name not in optional
+            default = None if f.default is dataclasses.MISSING else f.default
             if isinstance(default, Enum):
                 default = default.value
             func = click.option(
@@ -80,23 +84,52 @@ def app() -> None:
 
 
 @app.command("train")
-@options_from(TrainConfig)
+@options_from(TrainConfig, optional=("task",))
 @data_dir_option
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder for prompt.safetensors and run.json.")
-def train_command(out: Path, data_dir: Path | None, **fields) -> None:
-    """Train a soft prompt for one task on a frozen model."""
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder for prompt.safetensors, run.json and checkpoint.safetensors.")
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Continue the interrupted run in this folder from its last checkpoint, with the config in its run.json.",
+)
+@click.pass_context
+def train_command(ctx: click.Context, out: Path | None, resume: Path | None, data_dir: Path | None, **fields) -> None:
+    """Train a soft prompt for one task on a frozen model (or --resume an interrupted run)."""
+    if resume is None and fields["task"] is None:
+        _fail("missing option --task (required unless --resume RUN_DIR)")
+    if resume is None and out is None:
+        _fail("missing option --out (required unless --resume RUN_DIR)")
+    if resume is not None and out is not None and out.resolve() != resume.resolve():
+        _fail(f"--out {out} and --resume {resume} name different folders; give only --resume RUN_DIR")
+    out = resume or out
     try:
-        config = TrainConfig(**fields)
-        record = train(config, out, data_dir=data_dir)
+        if resume is None:
+            config = TrainConfig(**fields)
+        else:
+            given = {k: v for k, v in fields.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+            config = dataclasses.replace(config_from_run(resume), **given)
+            data_dir = data_dir or read_run(resume).get("data", {}).get("dir")
+        record = train(config, out, data_dir=data_dir, resume=resume is not None)
     except TrainingDiverged as e:
         _fail(str(e), code=3)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; continue from the last checkpoint with: softprompt train --resume {out}", code=130)
     dev, val = record["dev"], record["val"]
     click.echo(
         f"{record['task']}: best epoch {record['best_epoch']}, dev accuracy {dev['accuracy']:.1f}, "
         f"val accuracy {val['accuracy']:.1f} (exact match {val['exact_match']:.1f}), {record['wall_s']:.0f} s -> {out}"
     )
+
+
+def _load_soft_prompt(path: Path, hidden_size: int | None = None):
+    """A prompt file as given, or a run folder's best prompt if that run finished."""
+    if Path(path).is_dir():
+        _, prompt, metadata = load_finished_run(path, hidden_size)
+        return prompt, metadata
+    return load_prompt(path, hidden_size)
 
 
 @app.command("evaluate")
@@ -120,10 +153,10 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
         mode = PromptMode.SOFT if prompt_path else PromptMode.NONE if no_prompt else PromptMode.TEXT
         metadata = {}
         if prompt_path is not None:
-            prompt, metadata = load_prompt(prompt_path)
+            prompt, metadata = _load_soft_prompt(prompt_path)
         backbone = load_backbone(model or metadata.get("model", DEFAULT_MODEL), device)
         if mode is PromptMode.SOFT:
-            prompt, _ = load_prompt(prompt_path, hidden_size=backbone.hidden_size)
+            prompt, _ = _load_soft_prompt(prompt_path, hidden_size=backbone.hidden_size)
         elif mode is PromptMode.TEXT:
             ids = backbone.tokenizer(task_.init_text, add_special_tokens=False)["input_ids"]
             prompt = embed_ids(backbone.model, ids)

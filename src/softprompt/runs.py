@@ -18,18 +18,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
 PROMPT_FILE = "prompt.safetensors"
 RUN_FILE = "run.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
 PROMPT_KEY = "prompt"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# torch.save writes a zip archive ("PK\x03\x04"); a bare pickle starts with PROTO 2..5 ("\x80\x02").
+# A safetensors file starts with its header's length (8 bytes, little-endian) and then "{", and that
+# length may begin with the same bytes, so the "{" at offset 8 tells them apart.
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
 
 class PromptFileError(ValueError):
     """A prompt file is missing, truncated, altered, pickled or for another model; the message names it."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, altered or pickled; the message names it."""
+
+
+class RunNotFinished(ValueError):
+    """A run folder whose run.json status is not `done`: its prompt is not a result."""
+
+
+def refuse_pickle(path: Path, data: bytes, error: type[ValueError]) -> None:
+    """Raise `error` when `path` is pickle-based, by its suffix or by its first bytes.
+
+    A torch.save file renamed to `.safetensors` is caught by its magic bytes; it is never unpickled.
+    """
+    if path.suffix in PICKLE_SUFFIXES or (data.startswith(PICKLE_MAGIC) and data[8:9] != b"{"):
+        raise error(
+            f"{path}: refusing a pickle-based file (torch.save / pickle format); loading it could run "
+            f"arbitrary code. softprompt loads safetensors only: convert it with safetensors.torch.save_file"
+        )
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temp file in the same folder and a rename.
@@ -43,7 +69,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -52,10 +78,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}; the previous file (if any) is unchanged") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete the temp files (`.NAME.*.tmp`) a kill left behind mid-write; return what was removed."""
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
@@ -69,6 +103,20 @@ def save_prompt(path: Path, prompt: Tensor, metadata: dict[str, str] | None = No
     header = {str(k): str(v) for k, v in (metadata or {}).items()}
     header.update(num_tokens=str(prompt.shape[0]), hidden_size=str(prompt.shape[1]), sha256=tensor_sha256(prompt))
     atomic_write_bytes(Path(path), st_save({PROMPT_KEY: prompt}, metadata=header))
+
+def read_safetensors(path: Path, data: bytes, error: type[ValueError]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header metadata) of safetensors bytes, both from `data`.
+
+    Both come from the same bytes: opening `path` a second time could read a newer file that was
+    renamed into place in between, whose header would not match these tensors.
+    """
+    try:
+        tensors = st_load(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    except (SafetensorError, ValueError) as e:
+        raise error(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return tensors, header.get("__metadata__") or {}
+
 
 def prompt_path(path: Path) -> Path:
     path = Path(path)
@@ -86,17 +134,12 @@ def load_prompt(path: Path, hidden_size: int | None = None) -> tuple[Tensor, dic
     """
     path = prompt_path(path)
     if path.suffix in PICKLE_SUFFIXES:
-        raise PromptFileError(f"{path}: refusing a pickle-based file ({path.suffix}); softprompt loads safetensors only")
+        refuse_pickle(path, b"", PromptFileError)
     if not path.is_file():
         raise PromptFileError(f"prompt file not found: {path}")
     data = path.read_bytes()
-    try:
-        tensors = st_load(data)
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, ValueError, OSError) as e:
-        raise PromptFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    refuse_pickle(path, data, PromptFileError)
+    tensors, metadata = read_safetensors(path, data, PromptFileError)
     if PROMPT_KEY not in tensors:
         raise PromptFileError(f"{path}: no '{PROMPT_KEY}' tensor (found {sorted(tensors)})")
     prompt = tensors[PROMPT_KEY].float()
@@ -111,6 +154,51 @@ def load_prompt(path: Path, hidden_size: int | None = None) -> tuple[Tensor, dic
             f"hidden size {hidden_size}; evaluate it with the model it was trained on (--model)"
         )
     return prompt, metadata
+
+def _digest(tensors: dict[str, Tensor], text: str) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and raw bytes, and `text`."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(text.encode())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, tensors: dict[str, Tensor], state: dict) -> None:
+    """Write tensors (safetensors) and a JSON-able `state` (in the header) as one file, atomically.
+
+    One file and one rename: a kill at any moment leaves either the old checkpoint or the new one.
+    The header carries a SHA-256 over tensors and state, checked by `load_checkpoint`.
+    """
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    text = json.dumps(state, allow_nan=False)
+    header = {"state": text, "sha256": _digest(tensors, text), "format": "softprompt-checkpoint-1"}
+    atomic_write_bytes(Path(path), st_save(tensors, metadata=header))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """Load and verify a checkpoint written by `save_checkpoint`: (tensors, state).
+
+    Raises:
+        CheckpointError: missing, pickled, truncated or altered file (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    data = path.read_bytes()
+    refuse_pickle(path, data, CheckpointError)
+    tensors, header = read_safetensors(path, data, CheckpointError)
+    if "state" not in header or "sha256" not in header:
+        raise CheckpointError(f"{path}: not a softprompt checkpoint (no state or checksum in its header)")
+    if _digest(tensors, header["state"]) != header["sha256"]:
+        raise CheckpointError(f"{path}: checksum mismatch, the file was altered or damaged; delete it to restart the run")
+    try:
+        return tensors, json.loads(header["state"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the state in its header is not valid JSON ({e})") from None
+
 
 def read_run(run_dir: Path) -> dict:
     """The run record of a run folder.
@@ -133,6 +221,26 @@ def is_done(run_dir: Path) -> bool:
     except (FileNotFoundError, ValueError):
         return False
 
+def load_finished_run(run_dir: Path, hidden_size: int | None = None) -> tuple[dict, Tensor, dict[str, str]]:
+    """A finished run's record and verified best prompt: (run.json, `[P, H]` prompt, prompt header).
+
+    Analyses and reports read runs through this, so a crashed or running run is never used.
+
+    Raises:
+        RunNotFinished: run.json status is not `done` (running, killed, diverged).
+        FileNotFoundError, ValueError, PromptFileError: as `read_run` and `load_prompt`.
+    """
+    record = read_run(run_dir)
+    status = record.get("status")
+    if status != "done":
+        raise RunNotFinished(
+            f"{run_dir} is not a finished run (status {status!r}); resume it with "
+            f"`softprompt train --resume {run_dir}`, or pass {Path(run_dir) / PROMPT_FILE} to use its last best prompt anyway"
+        )
+    prompt, metadata = load_prompt(Path(run_dir) / PROMPT_FILE, hidden_size)
+    return record, prompt, metadata
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -154,5 +262,6 @@ def provenance() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),  # CPU reductions may round differently with another count
         "git_commit": git_commit(),
     }

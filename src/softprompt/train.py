@@ -7,7 +7,9 @@ reproduces the paper's protocol (which selects on the split it reports) and run.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -30,9 +32,24 @@ from softprompt.prompt import (
     logits_at,
     random_uniform,
 )
-from softprompt.runs import PROMPT_FILE, RUN_FILE, atomic_write_json, load_prompt, provenance, save_prompt
-from softprompt.tasks import Example, Task, get_task, load_examples
+from softprompt.runs import (
+    CHECKPOINT_FILE,
+    PROMPT_FILE,
+    CheckpointError,
+    RUN_FILE,
+    atomic_write_json,
+    load_checkpoint,
+    load_prompt,
+    provenance,
+    read_run,
+    remove_temp_files,
+    save_checkpoint,
+    save_prompt,
+)
+from softprompt.tasks import Example, Task, get_task, load_examples, resolve_data_dir
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+RESUMABLE_CHANGES = ("checkpoint_every",)  # config fields a resumed run may change: none alters the result
 COMMON_TOKENS = 5000  # Lester's vocab init samples the 5,000 most common tokens; BPE ids come roughly in frequency order
 
 
@@ -73,27 +90,35 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("Seed for init, data order and everything else random in training."))
     data_seed: int = field(default=0, metadata=_help("Seed for the dev split and train subsample (fixed across seeds)."))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
+    checkpoint_every: int | None = field(
+        default=None, metadata=_help("Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch end).")
+    )
 
     def __post_init__(self) -> None:
         get_task(self.task)  # raises with the valid names
         object.__setattr__(self, "init", InitMethod(self.init))
         object.__setattr__(self, "early_stop_on", EarlyStopSplit(self.early_stop_on))
-        positive = ("num_tokens", "batch_size", "grad_accum", "epochs", "max_length", "eval_batch_size")
+        positive = ("num_tokens", "batch_size", "grad_accum", "epochs", "max_length", "eval_batch_size", "min_dev_examples")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_train_examples"):
+        for name in ("seed", "data_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 2**32 - 1, got {getattr(self, name)}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"--device {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+        for name in ("max_steps", "max_train_examples", "checkpoint_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.patience < 1:
-            raise ValueError(f"--patience must be at least 1, got {self.patience}")
+        if self.patience < 0:
+            raise ValueError(f"--patience must be >= 0, got {self.patience}")
         if not 0 < self.dev_fraction < 1:
             raise ValueError(f"--dev-fraction must be between 0 and 1, got {self.dev_fraction}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"--weight-decay must be a number >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         if self.init_text is not None and not self.init_text.strip():
             raise ValueError("--init-text is empty; give some text or leave it out for the task's good prompt")
@@ -150,28 +175,54 @@ def loss_step(backbone: Backbone, prompt: Tensor, batch: Batch) -> Tensor:
     return torch.nn.functional.cross_entropy(logits, batch.targets)
 
 
+@dataclass
+class Progress:
+    """Where training stands: everything a checkpoint restores besides tensors (JSON in its header)."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches of the current epoch already trained (always at an optimizer step)
+    step: int = 0  # optimizer steps so far
+    epoch_loss: float = 0.0  # sum of the current epoch's batch losses so far
+    best_loss: float | None = None  # best dev loss so far (None: no epoch evaluated yet)
+    best_epoch: int = -1
+    bad_epochs: int = 0  # epochs since the best dev loss
+    stopped: bool = False  # early stopping or --max-steps ended training
+    history: list[dict] = field(default_factory=list)
+
+
 def train(
     config: TrainConfig,
     out_dir: Path,
     backbone: Backbone | None = None,
     data_dir: str | Path | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict:
     """Train a soft prompt and write `prompt.safetensors` (best by dev loss) and `run.json` into `out_dir`.
+
+    A checkpoint (`checkpoint.safetensors`: prompt, optimizer state, RNG states, position in the
+    epoch, early-stopping state) is written at every epoch end and every `checkpoint_every` steps.
+    With `resume=True`, training continues from it; on CPU the result is bit-identical to an
+    uninterrupted run.
 
     Returns:
         The run record (also in run.json), with per-epoch history and final dev and val metrics.
 
     Raises:
         TrainingDiverged: NaN/inf loss or gradient (run.json gets status `diverged`; the last good
-            prompt stays on disk).
+            prompt and checkpoint stay on disk).
+        ValueError: `out_dir` already holds a run (without `resume`), or `resume` on a finished run,
+            another config or changed data.
+        OSError: a file cannot be written (the message names it; older files are left intact).
     """
     started = time.time()
     out_dir = Path(out_dir)
+    task = get_task(config.task)
+    data = data_fingerprint(task, data_dir)
+    check_run_dir(out_dir, config, data, resume)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     backbone = backbone or load_backbone(config.model, config.device)
-    task = get_task(config.task)
     splits = make_splits(task, config, data_dir)
     tokenizer, device, pad_id = backbone.tokenizer, backbone.device, backbone.tokenizer.pad_token_id
     train_items = [encode(tokenizer, e, config.max_length) for e in splits.train]
@@ -180,79 +231,224 @@ def train(
 
     prompt = torch.nn.Parameter(initial_prompt(backbone, task, config, generator).to(device))
     optimizer = torch.optim.AdamW([prompt], lr=config.lr, weight_decay=config.weight_decay)
+    header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed)}
+    checkpoint = out_dir / CHECKPOINT_FILE
+    state = start_or_resume(out_dir, resume, prompt, optimizer, generator, header)
+    data.update(train=len(train_items), dev=len(dev_items), val=len(val_items), early_stop_on=config.early_stop_on.value)
     record = {
         "status": "running",
         "task": task.name,
         "model": backbone.name,
         "config": config.to_json(),
-        "data": {"train": len(train_items), "dev": len(dev_items), "val": len(val_items), "early_stop_on": config.early_stop_on.value},
+        "data": data,
         "provenance": provenance(),
-        "history": [],
+        "resumed_at_step": [*read_run(out_dir).get("resumed_at_step", []), state.step] if resume else [],
+        "history": state.history,  # the same list `end_epoch` appends to
     }
-    header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed)}
-    save_prompt(out_dir / PROMPT_FILE, prompt, header)  # the init, so a prompt file exists from the start
     atomic_write_json(out_dir / RUN_FILE, record)
 
-    best_loss, best_epoch, bad_epochs, step = float("inf"), -1, 0, 0
-    for epoch in range(config.epochs):
+    while not state.stopped and state.epoch < config.epochs:
+        epoch_rng = generator.get_state()  # the epoch's batch order is a function of this state
         batches = bucketed_batches(train_items, config.batch_size, generator)
-        bar = tqdm(batches, desc=f"{task.name} epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        epoch_loss, tokens, epoch_start = 0.0, 0, time.time()
-        for i, indices in enumerate(bar):
-            batch = train_batch([train_items[j] for j in indices], pad_id).to(device)
+        bar = tqdm(total=len(batches), initial=state.batch, desc=f"{task.name} epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        tokens, epoch_start = 0, time.time()
+        for i in range(state.batch, len(batches)):
+            batch = train_batch([train_items[j] for j in batches[i]], pad_id).to(device)
             loss = loss_step(backbone, prompt, batch)
             if not torch.isfinite(loss):
-                _diverged(record, out_dir, f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+                _diverged(record, out_dir, f"loss is {loss.item()} at epoch {state.epoch + 1}, step {state.step + 1}")
             (loss / config.grad_accum).backward()
-            epoch_loss += loss.item()
+            state.epoch_loss += loss.item()
             tokens += batch.num_tokens
-            if (i + 1) % config.grad_accum == 0 or i + 1 == len(batches):
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_([prompt], config.max_grad_norm)
-                if not torch.isfinite(prompt.grad).all():
-                    _diverged(record, out_dir, f"gradient is not finite at epoch {epoch + 1}, step {step + 1}")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.set_postfix(step=step, loss=f"{loss.item():.3f}")
-            if config.max_steps is not None and step >= config.max_steps:
+            bar.update()
+            if (i + 1) % config.grad_accum != 0 and i + 1 != len(batches):
+                continue
+            optimizer_step(prompt, optimizer, config.max_grad_norm, record, out_dir, state)
+            state.step, state.batch = state.step + 1, i + 1
+            bar.set_postfix(step=state.step, loss=f"{loss.item():.3f}")
+            if config.max_steps is not None and state.step >= config.max_steps:
                 break
+            if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < len(batches):
+                save_training_checkpoint(checkpoint, prompt, optimizer, epoch_rng, state)
+        bar.close()
         dev = metrics(score(backbone, prompt.detach(), dev_items, config.eval_batch_size))
-        record["history"].append(
-            {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": epoch_loss / (i + 1),
-                "dev_loss": dev["loss"],
-                "dev_accuracy": dev["accuracy"],
-                "tokens_per_s": tokens / (time.time() - epoch_start),
-            }
-        )
+        if not math.isfinite(dev["loss"]):
+            _diverged(record, out_dir, f"dev loss is {dev['loss']} after epoch {state.epoch + 1}")
+        improved = end_epoch(state, dev, config, tokens / max(time.time() - epoch_start, 1e-6))
         if progress:
-            tqdm.write(f"{task.name} epoch {epoch + 1}: train loss {epoch_loss / (i + 1):.4f}  dev loss {dev['loss']:.4f}  dev acc {dev['accuracy']:.1f}")
-        if dev["loss"] < best_loss:
-            best_loss, best_epoch, bad_epochs = dev["loss"], epoch + 1, 0
-            save_prompt(out_dir / PROMPT_FILE, prompt, {**header, "epoch": str(epoch + 1)})
-        else:
-            bad_epochs += 1
+            last = state.history[-1]
+            tqdm.write(f"{task.name} epoch {state.epoch}: train loss {last['train_loss']:.4f}  dev loss {dev['loss']:.4f}  dev acc {dev['accuracy']:.1f}")
+        if improved:
+            save_prompt(out_dir / PROMPT_FILE, prompt, {**header, "epoch": str(state.epoch)})
+        save_training_checkpoint(checkpoint, prompt, optimizer, generator.get_state(), state)
         atomic_write_json(out_dir / RUN_FILE, record)
-        if bad_epochs >= config.patience or (config.max_steps is not None and step >= config.max_steps):
-            break
-
 
     best, _ = load_prompt(out_dir / PROMPT_FILE)
-    record["best_epoch"] = best_epoch
+    record["best_epoch"] = state.best_epoch
     record["dev"] = metrics(score(backbone, best.to(device), dev_items, config.eval_batch_size))
     record["val"] = metrics(score(backbone, best.to(device), val_items, config.eval_batch_size))
-    record["steps"] = step
+    record["steps"] = state.step
     record["wall_s"] = round(time.time() - started, 1)
     record["status"] = "done"
     atomic_write_json(out_dir / RUN_FILE, record)
     return record
 
 
+def start_or_resume(
+    out_dir: Path, resume: bool, prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer, generator: torch.Generator, header: dict
+) -> Progress:
+    """Restore the last checkpoint when resuming and there is one; otherwise save the initial prompt.
+
+    A run killed before its first checkpoint resumes from step 0, which is the same as starting over.
+    """
+    checkpoint = out_dir / CHECKPOINT_FILE
+    if resume:
+        remove_temp_files(out_dir)  # a kill mid-write leaves `.NAME.*.tmp`; the real files are whole
+        if checkpoint.is_file():
+            return restore_checkpoint(checkpoint, prompt, optimizer, generator)
+    save_prompt(out_dir / PROMPT_FILE, prompt, header)  # the init, so a prompt file exists from the start
+    return Progress()
+
+
+def optimizer_step(
+    prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer, max_grad_norm: float | None, record: dict, out_dir: Path, state: Progress
+) -> None:
+    """Clip, check the gradient is finite, step, and check the prompt stayed finite."""
+    where = f"epoch {state.epoch + 1}, step {state.step + 1}"
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([prompt], max_grad_norm)
+    if not torch.isfinite(prompt.grad).all():
+        _diverged(record, out_dir, f"gradient is not finite at {where}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(prompt).all():
+        _diverged(record, out_dir, f"the prompt became non-finite at {where}; lower --lr or set --max-grad-norm")
+
+
+def end_epoch(state: Progress, dev: dict, config: TrainConfig, tokens_per_s: float) -> bool:
+    """Record the epoch, update early stopping, move `state` to the next epoch; True if dev loss improved."""
+    state.history.append(
+        {
+            "epoch": state.epoch + 1,
+            "step": state.step,
+            "train_loss": state.epoch_loss / max(state.batch, 1),
+            "dev_loss": dev["loss"],
+            "dev_accuracy": dev["accuracy"],
+            "tokens_per_s": tokens_per_s,
+        }
+    )
+    state.epoch, state.batch, state.epoch_loss = state.epoch + 1, 0, 0.0
+    improved = state.best_loss is None or dev["loss"] < state.best_loss
+    if improved:
+        state.best_loss, state.best_epoch, state.bad_epochs = dev["loss"], state.epoch, 0
+    else:
+        state.bad_epochs += 1
+    # patience N: stop after N epochs in a row without a better dev loss (0: at the first one)
+    state.stopped = (state.bad_epochs > 0 and state.bad_epochs >= config.patience) or (config.max_steps is not None and state.step >= config.max_steps)
+    return improved
+
+
+def save_training_checkpoint(
+    path: Path, prompt: Tensor, optimizer: torch.optim.Optimizer, data_rng: Tensor, state: Progress
+) -> None:
+    """Prompt, AdamW moments, RNG states and `state`, as one safetensors file written atomically.
+
+    `data_rng` is the data-order generator's state at the start of the epoch `state` is in, so a
+    resume rebuilds that epoch's batch order and skips the `state.batch` batches already trained.
+    """
+    tensors = {"prompt": prompt.detach(), "rng.data_order": data_rng, "rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    for key, value in optimizer.state_dict()["state"].get(0, {}).items():
+        tensors[f"optimizer.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
+    save_checkpoint(path, tensors, asdict(state))
+
+
+def restore_checkpoint(path: Path, prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> Progress:
+    """Load a checkpoint into `prompt`, `optimizer` and the RNGs; return the saved `Progress`.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, altered, pickled or for another prompt shape.
+    """
+    tensors, saved = load_checkpoint(path)
+    if "prompt" not in tensors or tensors["prompt"].shape != prompt.shape:
+        found = list(tensors["prompt"].shape) if "prompt" in tensors else None
+        raise CheckpointError(f"{path}: prompt of shape {found}, expected {list(prompt.shape)}; it belongs to another run")
+    with torch.no_grad():
+        prompt.copy_(tensors["prompt"])
+    moments = {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")}
+    if moments:
+        optimizer.load_state_dict({"state": {0: moments}, "param_groups": optimizer.state_dict()["param_groups"]})
+    generator.set_state(tensors["rng.data_order"])
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    try:
+        return Progress(**saved)
+    except TypeError as e:
+        raise CheckpointError(f"{path}: unexpected training state ({e}); was it written by another softprompt version?") from None
+
+
+def data_fingerprint(task: Task, data_dir: str | Path | None) -> dict:
+    """The data folder and the SHA-256 of the task's train and val files, for run.json and resume checks."""
+    folder = resolve_data_dir(data_dir).resolve()
+    sha = {}
+    for split in ("train", "val"):
+        path = folder / task.folder / f"{split}.jsonl"
+        sha[f"{split}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return {"dir": str(folder), **sha}
+
+
+def check_run_dir(out_dir: Path, config: TrainConfig, data: dict, resume: bool) -> None:
+    """Refuse to overwrite a run, and to resume a finished run, another config or changed data.
+
+    Raises:
+        ValueError: the message says what differs and what to do.
+        FileNotFoundError: `resume` on a folder without run.json.
+    """
+    if not resume:
+        if (out_dir / RUN_FILE).exists():
+            raise ValueError(
+                f"{out_dir} already holds a run; continue it with `softprompt train --resume {out_dir}` "
+                f"(library: resume=True), or choose another --out"
+            )
+        return
+    record = read_run(out_dir)
+    if record.get("status") == "done":
+        raise ValueError(f"{out_dir} is a finished run (status done); nothing to resume. Train into another --out")
+    saved, current = record.get("config", {}), config.to_json()
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume {out_dir} with another config ({diffs}); resume with the run's own settings")
+    old = record.get("data", {})
+    for key in ("train_sha256", "val_sha256"):
+        if old.get(key) != data[key]:
+            raise ValueError(
+                f"cannot resume {out_dir}: the {key.split('_')[0]} data in {data['dir']} changed since the run started "
+                f"(sha256 {old.get(key)} -> {data[key]}); resume with the original data (--data-dir)"
+            )
+
+
+def config_from_run(run_dir: Path) -> TrainConfig:
+    """The TrainConfig recorded in a run folder's run.json (for `train --resume`).
+
+    Raises:
+        FileNotFoundError: no run.json; ValueError: run.json has no valid config.
+    """
+    record = read_run(run_dir)
+    try:
+        return TrainConfig(**record["config"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{Path(run_dir) / RUN_FILE}: no valid training config ({e}); was it written by softprompt train?") from None
+
+
 def _diverged(record: dict, out_dir: Path, reason: str) -> None:
     record["status"] = "diverged"
     record["error"] = reason
     atomic_write_json(out_dir / RUN_FILE, record)
-    raise TrainingDiverged(f"training stopped: {reason}; the last good prompt is kept in {out_dir / PROMPT_FILE}")
+    raise TrainingDiverged(
+        f"training stopped: {reason}; the last good prompt is kept in {out_dir / PROMPT_FILE} "
+        f"and the last good checkpoint in {out_dir / CHECKPOINT_FILE}"
+    )

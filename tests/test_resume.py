@@ -1,0 +1,241 @@
+"""Checkpoint/resume and determinism: a killed run resumes to the bit-identical prompt.
+
+Runs train a tiny random Llama (hidden 16) saved to disk with `save_pretrained`, on the fixture
+rows of CB: 20 train examples, batch 4, so 5 optimizer steps per epoch and 3 epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import softprompt.train as train_module
+from softprompt.backbone import load_backbone
+from softprompt.cli import app
+from softprompt.runs import CHECKPOINT_FILE, PROMPT_FILE, RUN_FILE, CheckpointError, load_checkpoint, load_prompt, read_run
+from softprompt.train import TrainConfig, train
+
+from conftest import FIXTURE_DATA, TINY_CONFIGS
+from softprompt.backbone import model_from_config
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+STEPS_PER_EPOCH = 5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama and SmolLM2's tokenizer, saved as an ordinary HF folder for `--model`."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    backbone = model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0)
+    backbone.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def cli_args(model_dir: Path, **overrides) -> list[str]:
+    options = dict(
+        task="cb", model=str(model_dir), data_dir=str(FIXTURE_DATA), min_dev_examples=4, batch_size=4, epochs=3,
+        patience=5, num_tokens=4, max_length=64, lr=0.3, device="cpu", checkpoint_every=1,
+    )
+    options.update(overrides)
+    return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def config_for(model_dir: Path, **overrides) -> TrainConfig:
+    fields = dict(task="cb", model=str(model_dir), min_dev_examples=4, batch_size=4, epochs=3, patience=5, num_tokens=4,
+                  max_length=64, lr=0.3, device="cpu", checkpoint_every=1)
+    return TrainConfig(**{**fields, **overrides})
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, ["train", *args])
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run, seed 0, through the CLI in this process."""
+    out = tmp_path_factory.mktemp("reference")
+    result = run_cli(*cli_args(model_dir), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def backbone(model_dir):
+    return load_backbone(str(model_dir), "cpu")
+
+
+def final_prompt(run_dir: Path) -> torch.Tensor:
+    return load_prompt(run_dir / PROMPT_FILE)[0]
+
+
+def deterministic_history(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in read_run(run_dir)["history"]]
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(model_dir, reference, tmp_path):
+    out = tmp_path / "run"
+    args = ["-m", "softprompt.cli", "train", *cli_args(model_dir), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    log = tmp_path / "child.log"
+    with open(log, "wb") as sink:
+        child = subprocess.Popen([sys.executable, *args], env=env, stdout=sink, stderr=subprocess.STDOUT)
+    killed_at = None
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and child.poll() is None:
+            if (out / CHECKPOINT_FILE).is_file():
+                _, state = load_checkpoint(out / CHECKPOINT_FILE)
+                if state["epoch"] == 1 and state["batch"] > 0:  # mid-way through the second epoch
+                    child.send_signal(signal.SIGKILL)
+                    killed_at = state
+                    break
+            time.sleep(0.01)
+    finally:
+        if child.poll() is None and killed_at is None:
+            child.kill()
+        child.wait()
+    assert killed_at is not None, f"the child finished or stalled before it could be killed mid-epoch:\n{log.read_text()[-2000:]}"
+    assert child.returncode == -signal.SIGKILL
+    assert read_run(out)["status"] == "running"  # a killed run is not finished ...
+    _, state = load_checkpoint(out / CHECKPOINT_FILE)  # ... and its last checkpoint is intact
+    assert state["step"] >= killed_at["step"]
+
+    result = run_cli("--resume", str(out))
+    assert result.exit_code == 0, result.output
+    assert torch.equal(final_prompt(out), final_prompt(reference))
+    assert deterministic_history(out) == deterministic_history(reference)
+    record = read_run(out)
+    assert record["status"] == "done" and record["resumed_at_step"] == [state["step"]]
+    assert not list(out.glob(".*.tmp"))  # a temp file a kill left mid-write is cleaned up on resume
+
+
+class Crash(Exception):
+    """Stands in for a crash at a chosen forward."""
+
+
+def crash_on_forward(monkeypatch, n: int) -> None:
+    calls = {"n": 0}
+    real = train_module.loss_step
+
+    def loss_step(*args):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Crash(f"crash at forward {n}")
+        return real(*args)
+
+    monkeypatch.setattr(train_module, "loss_step", loss_step)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2], ids=["accum1", "accum2"])
+def test_resume_in_process_after_crash_matches_uninterrupted(model_dir, backbone, reference, tmp_path, monkeypatch, grad_accum):
+    config = config_for(model_dir, checkpoint_every=2, grad_accum=grad_accum)
+    uninterrupted = reference  # checkpointing every step there, every 2 here: the schedule changes nothing
+    if grad_accum != 1:
+        uninterrupted = tmp_path / "uninterrupted"
+        train(config, uninterrupted, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
+
+    out = tmp_path / "crashed"
+    with monkeypatch.context() as m:
+        crash_on_forward(m, 8)  # a forward in the second epoch; the last checkpoint is some forwards earlier
+        with pytest.raises(Crash):
+            train(config, out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
+    _, state = load_checkpoint(out / CHECKPOINT_FILE)
+    assert state["epoch"] == 1 and 0 < state["batch"] < 7  # mid-epoch, and forwards after it are replayed
+    train(config, out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False, resume=True)
+    assert torch.equal(final_prompt(out), final_prompt(uninterrupted))
+    assert deterministic_history(out) == deterministic_history(uninterrupted)
+
+
+def test_checkpoint_holds_optimizer_rng_and_early_stopping_state(reference):
+    tensors, state = load_checkpoint(reference / CHECKPOINT_FILE)
+    assert {"prompt", "optimizer.exp_avg", "optimizer.exp_avg_sq", "optimizer.step", "rng.data_order", "rng.torch_cpu"} <= set(tensors)
+    assert state["epoch"] == 3 and state["batch"] == 0 and state["step"] == 3 * STEPS_PER_EPOCH
+    assert float(tensors["optimizer.step"]) == 3 * STEPS_PER_EPOCH
+    assert state["best_epoch"] == read_run(reference)["best_epoch"] and state["best_loss"] is not None
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+
+
+def test_same_seed_is_bit_identical_and_another_seed_differs(model_dir, backbone, reference, tmp_path):
+    again, other = tmp_path / "again", tmp_path / "other"
+    train(config_for(model_dir), again, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
+    train(config_for(model_dir, seed=1), other, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
+    assert torch.equal(final_prompt(again), final_prompt(reference))
+    assert not torch.equal(final_prompt(other), final_prompt(reference))
+
+
+def test_run_json_records_what_repeats_a_run(reference):
+    record = read_run(reference)
+    assert record["config"]["seed"] == 0 and record["config"]["data_seed"] == 0
+    assert record["config"] == config_for(record["config"]["model"]).to_json()
+    assert len(record["data"]["train_sha256"]) == 64 and Path(record["data"]["dir"]) == FIXTURE_DATA.resolve()
+    assert {"torch", "transformers", "softprompt", "git_commit"} <= set(record["provenance"])
+
+
+def test_resume_refuses_a_finished_run(reference):
+    result = run_cli("--resume", str(reference))
+    assert result.exit_code == 2
+    assert "finished run (status done)" in result.output and str(reference) in result.output
+
+
+@pytest.fixture
+def crashed_run(model_dir, backbone, tmp_path, monkeypatch) -> Path:
+    out = tmp_path / "crashed"
+    with monkeypatch.context() as m:
+        crash_on_forward(m, 3)
+        with pytest.raises(Crash):
+            train(config_for(model_dir), out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
+    return out
+
+
+def test_resume_refuses_another_config(model_dir, backbone, crashed_run):
+    with pytest.raises(ValueError, match=r"cannot resume .* another config \(--lr 0.3 -> 0.1\)"):
+        train(config_for(model_dir, lr=0.1), crashed_run, backbone=backbone, data_dir=FIXTURE_DATA, resume=True)
+    result = run_cli("--resume", str(crashed_run), "--num-tokens", "8")
+    assert result.exit_code == 2 and "--num-tokens 4 -> 8" in result.output
+
+
+def test_resume_refuses_changed_data(model_dir, backbone, crashed_run, tmp_path):
+    data = tmp_path / "data"
+    (data / "CB").mkdir(parents=True)
+    for split in ("train", "val"):
+        lines = (FIXTURE_DATA / "CB" / f"{split}.jsonl").read_text().splitlines()
+        (data / "CB" / f"{split}.jsonl").write_text("\n".join(lines[:-1] if split == "train" else lines) + "\n")
+    with pytest.raises(ValueError, match=r"the train data in .* changed since the run started"):
+        train(config_for(model_dir), crashed_run, backbone=backbone, data_dir=data, resume=True)
+
+
+def test_fresh_train_refuses_to_overwrite_a_run(model_dir, backbone, crashed_run):
+    before = (crashed_run / RUN_FILE).read_bytes()
+    with pytest.raises(ValueError, match=r"already holds a run; continue it with `softprompt train --resume"):
+        train(config_for(model_dir), crashed_run, backbone=backbone, data_dir=FIXTURE_DATA)
+    assert (crashed_run / RUN_FILE).read_bytes() == before
+
+
+def test_resume_may_change_checkpoint_every(model_dir, crashed_run):
+    result = run_cli("--resume", str(crashed_run), "--checkpoint-every", "100")
+    assert result.exit_code == 0, result.output
+    assert read_run(crashed_run)["status"] == "done"
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    result = run_cli("--resume", str(tmp_path))
+    assert result.exit_code == 2 and f"no run.json in {tmp_path}" in result.output
+
+
+def test_checkpoint_of_another_prompt_shape_is_refused(model_dir, backbone, crashed_run):
+    record = json.loads((crashed_run / RUN_FILE).read_text())
+    record["config"]["num_tokens"] = 6  # a run.json edited by hand, out of step with its checkpoint
+    (crashed_run / RUN_FILE).write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"checkpoint.safetensors: prompt of shape \[4, 16\], expected \[6, 16\]"):
+        train(config_for(model_dir, num_tokens=6), crashed_run, backbone=backbone, data_dir=FIXTURE_DATA, resume=True)
