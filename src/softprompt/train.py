@@ -291,6 +291,7 @@ def train(
     record["wall_s"] = round(time.time() - started, 1)
     record["status"] = "done"
     atomic_write_json(out_dir / RUN_FILE, record)
+    checkpoint.unlink(missing_ok=True)  # a finished run is its prompt and record; nothing is left to resume
     return record
 
 
