@@ -47,8 +47,8 @@ class Table:
 def fmt(value: Any, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
+    if isinstance(value, float):  # accuracies and distances to 0.1; small numbers (cosines, p-values) to 3 significant digits
+        return f"{value:.{digits}f}" if abs(value) >= 10 or value == 0 else f"{value:.3g}"
     return str(value)
 
 
@@ -110,7 +110,7 @@ def table1(results: dict) -> Table:
     note = ("The paper does not say which variance its Table 1 reports; we give the sample variance of the norms and the "
             "total variance around the task's mean prompt. Norms depend on the model's embedding scale (paper: "
             "bloomz-560m, hidden 1024), so compare the ordering of tasks, not the values.")
-    return Table("stochasticity", "Norms and spread of the prompts per task (the paper's Table 1)", columns, [[fmt(v, 3) if isinstance(v, float) else v for v in r] for r in rows], note)
+    return Table("stochasticity", "Norms and spread of the prompts per task (the paper's Table 1)", columns, rows, note)
 
 
 def table2(results: dict) -> Table:
@@ -224,7 +224,7 @@ def heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], titl
     data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     kwargs = {}
     if center_zero:
-        bound = max(1e-9, float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0)
+        bound = max(1.0, float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0)  # points; all-zero stays readable
         kwargs = {"vmin": -bound, "vmax": bound}
     image = ax.imshow(data, cmap=cmap, **kwargs)
     ax.set_xticks(range(len(columns)), columns)
@@ -242,14 +242,14 @@ def heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], titl
 
 
 def similarity_figure(sim: dict) -> bytes:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.6), constrained_layout=True)
     heatmap(sim["frobenius"], sim["tasks"], sim["tasks"], "||A-B||_F (lower = more similar)", "viridis_r", axes[0])
     heatmap(sim["cosine"], sim["tasks"], sim["tasks"], "cosine of flattened prompts", "viridis", axes[1], digits=2)
     return _png(fig)
 
 
 def transfer_figure(transfer: dict) -> bytes:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.6), constrained_layout=True)
     labels = transfer["tasks"]
     heatmap(transfer["gain_accuracy"], labels, labels, "accuracy gain over no prompt (points)", "RdBu", axes[0], center_zero=True)
     heatmap(transfer["gain_exact_match"], labels, labels, "exact-match gain over no prompt (points)", "RdBu", axes[1], center_zero=True)
@@ -282,7 +282,7 @@ th,td{border:1px solid #ddd;padding:.25em .55em;text-align:right;vertical-align:
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 .note{color:#555;font-size:.88em;max-width:60em}
 .persisted{background:#ffe08a;font-weight:600}
-.tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre}
+.tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre}td.tok,td.cell{text-align:left}
 .script{color:#777;font-size:.8em;margin-left:.25em}
 .bad{color:#b00020;font-weight:600}.good{color:#1b7f3b;font-weight:600}
 figure{margin:1em 0}figure img{max-width:100%}figcaption{color:#555;font-size:.88em}
@@ -292,6 +292,11 @@ figure{margin:1em 0}figure img{max-width:100%}figcaption{color:#555;font-size:.8
 
 def e(value: Any) -> str:
     return html.escape(fmt(value) if not isinstance(value, str) else value)
+
+
+def v(value: Any) -> str:
+    """A config value exactly as given (no rounding), escaped."""
+    return html.escape(str(value))
 
 
 def table_html(table: Table) -> str:
@@ -315,17 +320,17 @@ def tokens_html(results: dict) -> str:
         reading = results["interpret"].get(name) if name else None
         if not reading:
             continue
-        persisted = sum(r["persisted"] for r in reading["rows"])
         rows = []
         for r in reading["rows"]:
             cells = []
             for rank, n in enumerate(r["neighbours"]):
-                cls = ' class="persisted"' if rank == 0 and r["persisted"] else ""
-                cells.append(f'<td{cls}><span class="tok">{e(n["token"])}</span><span class="script">{e(n["script"])} {n["cosine"]:.2f}</span></td>')
+                cells.append(f'<td class="cell{" persisted" if rank == 0 and r["persisted"] else ""}"><span class="tok">{e(n["token"])}</span><span class="script">{e(n["script"])} {n["cosine"]:.2f}</span></td>')
             rows.append(f'<tr><td>{r["position"]}</td><td class="tok">{e(r["init_token"] or "–")}</td>{"".join(cells)}</tr>')
         scripts = _script_counts(results, task)
         head = "".join(f"<th>#{i + 1}</th>" for i in range(len(reading["rows"][0]["neighbours"]))) if reading["rows"] else ""
-        parts.append(f'<div><h3>{e(task.upper())}: run {e(name)}</h3><p class="note">{persisted}/{len(reading["rows"])} rows persisted. '
+        per_seed = ", ".join(f"seed {r['seed']}: {sum(row['persisted'] for row in r['rows'])}/{len(r['rows'])}"
+                             for r in results["interpret"].values() if r["task"] == task)
+        parts.append(f'<div><h3>{e(task.upper())}: run {e(name)}</h3><p class="note">Rows persisted: {e(per_seed)}. '
                      f'Scripts of the top-1 tokens over all seeds: {e(scripts)}</p>'
                      f'<table><tr><th>pos</th><th>init</th>{head}</tr>{"".join(rows)}</table></div>')
     parts.append("</div>")
@@ -352,12 +357,13 @@ def verdicts(results: dict) -> list[str]:
             lines.append(f'<li class="bad">{e(task.upper())}: no finished run.</li>')
             continue
         zero, majority, text = ev["no_prompt"]["accuracy"], ev["majority_class"], ev["text_prompt"]["accuracy"]
-        beats = mean > zero and mean > majority
-        verdict = "beats" if beats else "does NOT beat"
+        failed = [f"{name} ({fmt(value)})" for name, value in (("no prompt", zero), ("the majority class", majority)) if not mean > value]
+        verdict = (f"does NOT beat {' or '.join(failed)}" if failed
+                   else f"beats no prompt ({fmt(zero)}) and the majority class ({fmt(majority)})")
         lines.append(
-            f'<li class="{"good" if beats else "bad"}">{e(task.upper())}: mean soft-prompt accuracy {fmt(mean)} over '
-            f'{len(ev["seeds"])} seed(s) {verdict} both no prompt ({fmt(zero)}) and the majority class ({fmt(majority)}); '
-            f'text prompt {fmt(text)}.</li>'
+            f'<li class="{"bad" if failed else "good"}">{e(task.upper())}: mean soft-prompt accuracy {fmt(mean)} over '
+            f'{len(ev["seeds"])} seed(s) {e(verdict)}; text prompt {fmt(text)}, best seed {fmt(ev["ensemble"]["best"])}, '
+            f'majority-vote ensemble {fmt(ev["ensemble"]["majority_vote"])}.</li>'
         )
     return lines
 
@@ -366,22 +372,22 @@ def protocol_html(results: dict) -> str:
     s = results["study"]
     splits = results["protocol"]["splits"]
     split_rows = "".join(
-        f"<tr><td>{e(t)}</td><td>{e(d.get('train', '–'))}</td><td>{e(d.get('dev', '–'))}</td><td>{e(d.get('val', '–'))}</td><td>{e(d.get('eval', '–'))}</td></tr>"
+        f"<tr><td>{v(t)}</td><td>{v(d.get('train', '–'))}</td><td>{v(d.get('dev', '–'))}</td><td>{v(d.get('val', '–'))}</td><td>{v(d.get('eval', '–'))}</td></tr>"
         for t, d in splits.items()
     )
     early = {"dev": "a stratified dev slice held out of train (val stays unseen until the end)",
              "val": "the val split itself (the paper's protocol: it selects on the split it reports)"}.get(s["early_stop_on"], s["early_stop_on"])
     failed = [n for n, r in results["runs"].items() if r["status"] != "done"]
     items = [
-        f"Model: <b>{e(results['model'])}</b> (frozen); prompt length {e(s['num_tokens'])}; init: {e(s['init'])}"
-        + (f" ({e(s['init_text'])})" if s.get("init_text") else " (each task's hand-written good prompt, repeated or truncated)" if s["init"] == "text" else ""),
-        f"Optimiser: AdamW, lr {e(s['lr'])}, weight decay {e(s['weight_decay'])}, batch {e(s['batch_size'])} x {e(s['grad_accum'])}; "
-        f"at most {e(s['epochs'])} epochs" + (f" / {e(s['max_steps'])} steps" if s.get("max_steps") else "") + f", patience {e(s['patience'])}.",
+        f"Model: <b>{v(results['model'])}</b> (frozen); prompt length {v(s['num_tokens'])}; init: {v(s['init'])}"
+        + (f" ({v(s['init_text'])})" if s.get("init_text") else " (each task's hand-written good prompt, repeated or truncated)" if s["init"] == "text" else ""),
+        f"Optimiser: AdamW, lr {v(s['lr'])}, weight decay {v(s['weight_decay'])}, batch {v(s['batch_size'])} x {v(s['grad_accum'])}; "
+        f"at most {v(s['epochs'])} epochs" + (f" / {v(s['max_steps'])} steps" if s.get("max_steps") else "") + f", patience {v(s['patience'])}.",
         f"Early stopping on dev loss, dev = {e(early)}; the best-dev prompt is kept.",
-        f"Train subsample: {e(s['max_train_examples']) if s.get('max_train_examples') else 'none (all of train)'}; data seed {e(s['data_seed'])}.",
+        f"Train subsample: {v(s['max_train_examples']) if s.get('max_train_examples') else 'none (all of train)'}; data seed {v(s['data_seed'])}.",
         f"Seeds: {e(', '.join(map(str, s['seeds'])))} ({len(s['seeds'])} runs per task); transfer and similarity use seed "
-        f"{e(results['protocol']['representative_seed'])}'s prompt for each task.",
-        "Evaluation: official SuperGLUE val split" + (f", a seeded random subsample of {e(s['max_eval_examples'])} examples per task" if s.get("max_eval_examples") else " in full") + ".",
+        f"{v(results['protocol']['representative_seed'])}'s prompt for each task.",
+        "Evaluation: official SuperGLUE val split" + (f", a seeded random subsample of {v(s['max_eval_examples'])} examples per task" if s.get("max_eval_examples") else " in full") + ".",
     ]
     if failed:
         items.append(f'<span class="bad">Runs left out (not done): {e(", ".join(failed))}</span>')

@@ -262,7 +262,7 @@ def cached_scores(
     Missing soft prompts of equal shape are scored together as one `[K, P, H]` batch.
     """
     items_key = fingerprint(items)
-    keys = {s: {"task": task, "items": items_key, "prompt": None if p is None else tensor_sha256(p)} for s, p in sources.items()}
+    keys = {s: {"model": backbone.name, "task": task, "items": items_key, "prompt": None if p is None else tensor_sha256(p)} for s, p in sources.items()}
     found = {s: _load_cached(_cache_path(out_dir, s, task), keys[s]) for s in sources}
     missing = [s for s, cached in found.items() if cached is None]
     groups: dict[tuple, list[str]] = {}
