@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import TINY_CONFIGS
+from conftest import FIXTURE_DATA, TINY_CONFIGS
 from softprompt.backbone import model_from_config
 from softprompt.cli import app
 from softprompt.report import FIGURES, write_report
@@ -54,9 +54,7 @@ class Images(HTMLParser):
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("study")
-    from softprompt.tasks import get_task  # noqa: F401  (data dir comes from the fixture folder)
-
-    run_study(tiny_study(tiny_model_dir), out, data_dir=Path(__file__).parent / "fixtures" / "superglue", progress=False, echo=lambda _: None)
+    run_study(tiny_study(tiny_model_dir), out, data_dir=FIXTURE_DATA, progress=False, echo=lambda _: None)
     return out
 
 
@@ -88,7 +86,7 @@ def test_rerun_skips_done_runs_and_cached_scores(study_dir, tiny_model_dir):
     stamps = {p: p.stat().st_mtime_ns for p in (study_dir / "runs").glob("*/*")}
     scores = {p: p.stat().st_mtime_ns for p in (study_dir / "scores").glob("*.json")}
     lines: list[str] = []
-    run_study(tiny_study(tiny_model_dir), study_dir, data_dir=Path(__file__).parent / "fixtures" / "superglue", progress=False, echo=lines.append)
+    run_study(tiny_study(tiny_model_dir), study_dir, data_dir=FIXTURE_DATA, progress=False, echo=lines.append)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert {p: p.stat().st_mtime_ns for p in scores} == scores
     assert [line for line in lines if line.startswith("run ")] == [
@@ -103,14 +101,14 @@ def test_half_written_run_is_retrained(study_dir, tiny_model_dir):
     record = json.loads(run.read_text())
     run.write_text(json.dumps({**record, "status": "running"}))
     lines: list[str] = []
-    run_study(tiny_study(tiny_model_dir), study_dir, data_dir=Path(__file__).parent / "fixtures" / "superglue", progress=False, echo=lines.append)
+    run_study(tiny_study(tiny_model_dir), study_dir, data_dir=FIXTURE_DATA, progress=False, echo=lines.append)
     assert "run 4/4: rte seed 1" in lines
     assert json.loads(run.read_text())["status"] == "done"
 
 
 def test_done_run_with_other_config_is_refused(study_dir, tiny_model_dir):
     with pytest.raises(ValueError, match=r"different config \(lr: run 0.05 vs study 0.1\)"):
-        run_study(tiny_study(tiny_model_dir, lr=0.1), study_dir, data_dir=Path(__file__).parent / "fixtures" / "superglue", progress=False, echo=lambda _: None)
+        run_study(tiny_study(tiny_model_dir, lr=0.1), study_dir, data_dir=FIXTURE_DATA, progress=False, echo=lambda _: None)
 
 
 def test_report_command_rebuilds_from_files(study_dir):
@@ -166,3 +164,22 @@ def test_study_config_errors_name_the_key(change, message):
 def test_missing_key_is_named():
     with pytest.raises(ValueError, match="missing key `seeds`"):
         StudyConfig.from_dict({"tasks": ["cb"]})
+
+
+def test_study_command_continues_a_study(study_dir, tiny_model_dir, tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        f'tasks = ["cb", "rte"]\nseeds = [0, 1]\nmodel = "{tiny_model_dir}"\nnum_tokens = 4\nlr = 0.05\nepochs = 1\nmax_steps = 2\n'
+        'batch_size = 4\nmin_dev_examples = 4\neval_batch_size = 8\ntop_k = 2\ndevice = "cpu"\n'
+    )
+    result = CliRunner().invoke(app, ["study", str(config), "--out", str(study_dir), "--data-dir", str(FIXTURE_DATA), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "run 4/4: rte seed 1 (done, skipped)" in result.output
+    assert re.search(r"^cb +6 ", result.output, re.M) and result.output.strip().endswith("report.html")
+
+
+def test_study_command_names_the_bad_key(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('tasks = ["cb"]\nseeds = [0]\nepoch = 3\n')
+    result = CliRunner().invoke(app, ["study", str(config)])
+    assert result.exit_code == 2 and "unknown key(s) ['epoch']" in result.output

@@ -183,9 +183,16 @@ def study_command(config_path: Path, out: Path | None, quiet: bool, data_dir: Pa
     try:
         config = StudyConfig.from_toml(config_path)
         out = out or Path("runs") / config_path.stem
-        run_study(config, out, data_dir=data_dir, progress=not quiet, echo=lambda line: click.echo(line, err=True))
+        results = run_study(config, out, data_dir=data_dir, progress=not quiet, echo=lambda line: click.echo(line, err=True))
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
+    click.echo(f"{'task':<6} {'n':>4} {'majority':>9} {'no prompt':>10} {'text':>6} {'soft mean':>10} {'sd':>5} {'vote':>6}")
+    for task, ev in results["evaluation"].items():
+        vote = (ev.get("ensemble") or {}).get("majority_vote", float("nan"))
+        click.echo(
+            f"{task:<6} {ev['n']:>4} {ev['majority_class']:>9.1f} {ev['no_prompt']['accuracy']:>10.1f} "
+            f"{ev['text_prompt']['accuracy']:>6.1f} {ev['mean_accuracy']:>10.1f} {ev['sd_accuracy']:>5.1f} {vote:>6.1f}"
+        )
     click.echo(f"{out / 'report.html'}")
 
 

@@ -23,6 +23,7 @@ import random
 import re
 import time
 import tomllib
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -153,7 +154,7 @@ class StudyConfig:
 def _check_type(key: str, value: Any, hint: Any, source: str) -> None:
     """Raise a ValueError naming `key` when a TOML value does not fit the field's type hint."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    allowed = [a for a in args if a is not type(None)] if origin in (typing.Union, __import__("types").UnionType) else [hint]
+    allowed = [a for a in args if a is not type(None)] if origin in (typing.Union, types.UnionType) else [hint]
     for kind in allowed:
         base = typing.get_origin(kind) or kind
         if base is tuple and isinstance(value, list):
@@ -255,7 +256,8 @@ def _save_cached(path: Path, key: dict, scores: Scores, k: int) -> None:
 
 
 def cached_scores(
-    out_dir: Path, backbone: Backbone, sources: dict[str, Tensor | None], task: str, items: list[Encoded], batch_size: int, echo: Callable[[str], None]
+    out_dir: Path, backbone: Backbone, sources: dict[str, Tensor | None], task: str, items: list[Encoded], batch_size: int,
+    echo: Callable[[str], None], progress: bool = False,
 ) -> dict[str, Scores]:
     """Scores of each named prompt on one task, from the cache where the prompt and items are unchanged.
 
@@ -273,7 +275,7 @@ def cached_scores(
         stacked = None if shape is None else torch.stack([sources[s] for s in names])
         if stacked is None and len(names) > 1:
             raise ValueError("at most one no-prompt source per task")
-        scores = score(backbone, stacked, items, max(1, batch_size // len(names)))
+        scores = score(backbone, stacked, items, max(1, batch_size // len(names)), progress=progress)
         for k, s in enumerate(names):
             _save_cached(_cache_path(out_dir, s, task), keys[s], scores, k)
             found[s] = Scores(scores.logprobs[k : k + 1], scores.exact[k : k + 1], scores.labels, scores.answer_tokens)
@@ -305,7 +307,7 @@ def run_study(
     atomic_write_json(out_dir / STUDY_FILE, config.to_json())
     backbone = backbone or load_backbone(config.model, config.train.get("device", "auto"))
     statuses = train_all(config, out_dir, backbone, data_dir, progress, echo)
-    results = analyse(config, out_dir, backbone, data_dir, statuses, echo)
+    results = analyse(config, out_dir, backbone, data_dir, statuses, echo, progress)
     results["analysis_wall_s"] = round(time.time() - started, 1)
     atomic_write_json(out_dir / RESULTS_FILE, json_safe(results))
     write_report(out_dir)
@@ -313,7 +315,10 @@ def run_study(
     return results
 
 
-def analyse(config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, statuses: dict[str, str], echo: Callable[[str], None]) -> dict:
+def analyse(
+    config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, statuses: dict[str, str],
+    echo: Callable[[str], None], progress: bool = False,
+) -> dict:
     """Every analysis of the issue, from the saved runs (never trains)."""
     done = {name: out_dir / "runs" / name for name, status in statuses.items() if status == "done"}
     records = {name: read_run(path) for name, path in done.items()}
@@ -327,9 +332,9 @@ def analyse(config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: st
     for task in config.tasks:
         own = {run_name(task, s): prompts[run_name(task, s)] for s in seeds_of[task]}
         others = {representative[t]: prompts[representative[t]] for t in config.tasks if t != task and representative[t]}
-        scores = cached_scores(out_dir, backbone, {"none": None}, task, items[task], batch_size, echo)
-        scores |= cached_scores(out_dir, backbone, {f"text-{task}": _text_prompt(backbone, config, task)}, task, items[task], batch_size, echo)
-        scores |= cached_scores(out_dir, backbone, own | others, task, items[task], batch_size, echo)
+        scores = cached_scores(out_dir, backbone, {"none": None}, task, items[task], batch_size, echo, progress)
+        scores |= cached_scores(out_dir, backbone, {f"text-{task}": _text_prompt(backbone, config, task)}, task, items[task], batch_size, echo, progress)
+        scores |= cached_scores(out_dir, backbone, own | others, task, items[task], batch_size, echo, progress)
         evaluation[task] = _evaluate_task(task, seeds_of[task], scores, items[task])
         transfer_scores[task] = {source: metrics(scores[source]) for source in others | own}
 
