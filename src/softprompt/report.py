@@ -165,6 +165,15 @@ def runs_table(results: dict) -> Table:
     return Table("runs", "Training runs", columns, rows, "Val metrics here are on the full val split (from run.json).")
 
 
+TRANSFER_TABLES = (  # (CSV name, results key, title)
+    ("transfer_accuracy", "accuracy", "Transfer: accuracy of each task's prompt (rows) on each task (columns)"),
+    ("transfer_gain_accuracy", "gain_accuracy", "Transfer gain: accuracy minus the column task's no-prompt accuracy"),
+    ("transfer_exact_match", "exact_match", "Transfer: exact match"),
+    ("transfer_gain_exact_match", "gain_exact_match",
+     "Transfer gain: exact match minus the column task's no-prompt exact match (the paper's Figure 8)"),
+)
+
+
 def all_tables(results: dict) -> list[Table]:
     tables = [accuracy_table(results), ensemble_table(results), table1(results), table2(results), runs_table(results)]
     sim, transfer, stoch = results["similarity"], results["transfer"], results["stochasticity"]
@@ -177,10 +186,7 @@ def all_tables(results: dict) -> list[Table]:
         ]
     if transfer.get("tasks"):
         tables += [
-            matrix_table("transfer_accuracy", "Transfer: accuracy of each task's prompt (rows) on each task (columns)", transfer["tasks"], transfer["accuracy"], corner="prompt \\ task"),
-            matrix_table("transfer_gain_accuracy", "Transfer gain: accuracy minus the column task's no-prompt accuracy", transfer["tasks"], transfer["gain_accuracy"], corner="prompt \\ task"),
-            matrix_table("transfer_exact_match", "Transfer: exact match", transfer["tasks"], transfer["exact_match"], corner="prompt \\ task"),
-            matrix_table("transfer_gain_exact_match", "Transfer gain: exact match minus the column task's no-prompt exact match (the paper's Figure 8)", transfer["tasks"], transfer["gain_exact_match"], corner="prompt \\ task"),
+            *(matrix_table(name, title, transfer["tasks"], transfer[key], corner="prompt \\ task") for name, key, title in TRANSFER_TABLES),
             correlation_table(results),
         ]
     if stoch.get("group_distances"):

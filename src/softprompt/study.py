@@ -64,8 +64,12 @@ class StudyConfig:
     tasks: tuple[str, ...] = field(metadata=_help("Tasks to train, e.g. [\"cb\", \"rte\", \"copa\", \"wsc\"]."))
     seeds: tuple[int, ...] = field(metadata=_help("Training seeds; one run per (task, seed)."))
     train: dict[str, Any] = field(default_factory=dict, metadata=_help("TrainConfig fields shared by every run."))
-    transfer_seed: int | None = field(default=None, metadata=_help("Whose prompt represents a task in transfer and similarity (default: the first seed)."))
-    max_eval_examples: int | None = field(default=None, metadata=_help("Score a random subsample of each val split of this size (default: all of it)."))
+    transfer_seed: int | None = field(
+        default=None, metadata=_help("Whose prompt stands for a task in transfer and similarity (default: the first seed).")
+    )
+    max_eval_examples: int | None = field(
+        default=None, metadata=_help("Score a seeded random subsample of each val split of this size (default: all of it).")
+    )
     top_k: int = field(default=3, metadata=_help("Nearest tokens per prompt row."))
     name: str = field(default="", metadata=_help("A title for the report."))
 
@@ -177,7 +181,9 @@ def run_name(task: str, seed: int) -> str:
     return f"{task}-s{seed}"
 
 
-def train_all(config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, progress: bool, echo: Callable[[str], None]) -> dict[str, str]:
+def train_all(
+    config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, progress: bool, echo: Callable[[str], None]
+) -> dict[str, str]:
     """Train every (task, seed) not already done. Returns {run name: status}.
 
     Raises:
@@ -251,7 +257,8 @@ def _load_cached(path: Path, key: dict) -> Scores | None:
 
 def _save_cached(path: Path, key: dict, scores: Scores, k: int) -> None:
     logprobs = [[None if math.isinf(v) else round(v, 5) for v in row] for row in scores.logprobs[k].tolist()]
-    payload = {"key": key, "logprobs": logprobs, "exact": scores.exact[k].tolist(), "labels": scores.labels.tolist(), "answer_tokens": scores.answer_tokens.tolist()}
+    payload = {"key": key, "logprobs": logprobs, "exact": scores.exact[k].tolist(), "labels": scores.labels.tolist(),
+               "answer_tokens": scores.answer_tokens.tolist()}
     atomic_write_json(path, payload)
 
 
@@ -264,7 +271,10 @@ def cached_scores(
     Missing soft prompts of equal shape are scored together as one `[K, P, H]` batch.
     """
     items_key = fingerprint(items)
-    keys = {s: {"model": backbone.name, "task": task, "items": items_key, "prompt": None if p is None else tensor_sha256(p)} for s, p in sources.items()}
+    keys = {
+        s: {"model": backbone.name, "task": task, "items": items_key, "prompt": None if p is None else tensor_sha256(p)}
+        for s, p in sources.items()
+    }
     found = {s: _load_cached(_cache_path(out_dir, s, task), keys[s]) for s in sources}
     missing = [s for s, cached in found.items() if cached is None]
     groups: dict[tuple, list[str]] = {}
@@ -332,9 +342,9 @@ def analyse(
     for task in config.tasks:
         own = {run_name(task, s): prompts[run_name(task, s)] for s in seeds_of[task]}
         others = {representative[t]: prompts[representative[t]] for t in config.tasks if t != task and representative[t]}
-        scores = cached_scores(out_dir, backbone, {"none": None}, task, items[task], batch_size, echo, progress)
-        scores |= cached_scores(out_dir, backbone, {f"text-{task}": _text_prompt(backbone, config, task)}, task, items[task], batch_size, echo, progress)
-        scores |= cached_scores(out_dir, backbone, own | others, task, items[task], batch_size, echo, progress)
+        scores = {}
+        for sources in ({"none": None}, {f"text-{task}": _text_prompt(backbone, config, task)}, own | others):
+            scores |= cached_scores(out_dir, backbone, sources, task, items[task], batch_size, echo, progress)
         evaluation[task] = _evaluate_task(task, seeds_of[task], scores, items[task])
         transfer_scores[task] = {source: metrics(scores[source]) for source in others | own}
 
@@ -357,12 +367,14 @@ def analyse(
         for key in ("accuracy", "exact_match"):
             gain = torch.tensor(results["transfer"][f"gain_{key}"])
             results["transfer"][f"correlation_{key}"] = asdict(analysis.similarity_vs_transfer(distance, gain))
-    results["interpret"] = {
-        name: {"task": records[name]["task"], "seed": records[name]["config"]["seed"],
-               "rows": rows_to_json(interpret_prompt(backbone.model, backbone.tokenizer, prompts[name], run_init_ids(records[name], backbone.tokenizer, prompts[name].shape[0]), config.top_k))}
-        for name in done
-    }
+    results["interpret"] = {name: _interpret(backbone, records[name], prompts[name], config.top_k) for name in done}
     return results
+
+
+def _interpret(backbone: Backbone, record: dict, prompt: Tensor, top_k: int) -> dict:
+    init_ids = run_init_ids(record, backbone.tokenizer, prompt.shape[0])
+    rows = interpret_prompt(backbone.model, backbone.tokenizer, prompt, init_ids, top_k)
+    return {"task": record["task"], "seed": record["config"]["seed"], "rows": rows_to_json(rows)}
 
 
 def _representative(config: StudyConfig, task: str, seeds: list[int]) -> str | None:
@@ -410,7 +422,9 @@ def _transfer(tasks: list[str], representative: dict[str, str | None], scores: d
     return out
 
 
-def _similarity(tasks: list[str], representative: dict[str, str | None], prompts: dict[str, Tensor], seeds_of: dict[str, list[int]]) -> dict:
+def _similarity(
+    tasks: list[str], representative: dict[str, str | None], prompts: dict[str, Tensor], seeds_of: dict[str, list[int]]
+) -> dict:
     if not tasks:
         return {"tasks": []}
     names = [representative[t] for t in tasks]
