@@ -183,3 +183,16 @@ def test_study_command_names_the_bad_key(tmp_path):
     config.write_text('tasks = ["cb"]\nseeds = [0]\nepoch = 3\n')
     result = CliRunner().invoke(app, ["study", str(config)])
     assert result.exit_code == 2 and "unknown key(s) ['epoch']" in result.output
+
+
+def test_report_is_honest_and_highlights_persisted_tokens(study_dir, tmp_path):
+    results = json.loads((study_dir / "results.json").read_text())
+    cb, rte = results["evaluation"]["cb"], results["evaluation"]["rte"]
+    cb["mean_accuracy"], cb["no_prompt"]["accuracy"], cb["majority_class"] = 40.0, 45.0, 33.3
+    rte["mean_accuracy"], rte["no_prompt"]["accuracy"], rte["majority_class"] = 70.0, 50.0, 50.0
+    results["interpret"][results["representative"]["cb"]]["rows"][0]["persisted"] = True
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert "CB: mean soft-prompt accuracy 40.0 over 2 seed(s) does NOT beat no prompt (45.0);" in text
+    assert "RTE: mean soft-prompt accuracy 70.0 over 2 seed(s) beats no prompt (50.0) and the majority class (50.0);" in text
+    assert text.count('class="cell persisted"') == 1
