@@ -395,6 +395,9 @@ def protocol_html(results: dict) -> str:
         f"{v(results['protocol']['representative_seed'])}'s prompt for each task.",
         "Evaluation: official SuperGLUE val split" + (f", a seeded random subsample of {v(s['max_eval_examples'])} examples per task" if s.get("max_eval_examples") else " in full") + ".",
     ]
+    if s["init"] == "text":
+        items.append("With the text init every seed starts from the same prompt: seeds differ only in the order of the "
+                     "training batches, so the spread over seeds measures sensitivity to data order.")
     if failed:
         items.append(f'<span class="bad">Runs left out (not done): {e(", ".join(failed))}</span>')
     return ("<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul><table><tr><th>task</th><th>train</th><th>dev</th><th>val</th>"
