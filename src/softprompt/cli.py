@@ -178,6 +178,69 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
         atomic_write_json(out, result)
 
 
+# --- interpret, study, report ------------------------------------------------------------------
+
+
+@app.command("interpret")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Nearest tokens per prompt row.")
+@click.option("--model", default=None, help="Backbone (default: the model the run was trained on).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the table as JSON here.")
+def interpret_command(run_dir: Path, top_k: int, model: str | None, device: str, json_out: Path | None) -> None:
+    """Nearest vocabulary tokens (cosine) of each prompt row, with persisted init tokens and scripts."""
+    from softprompt.interpret import format_table, interpret_run, rows_to_json
+    from softprompt.runs import read_run
+
+    try:
+        record = read_run(run_dir)
+        backbone = load_backbone(model or record.get("model") or DEFAULT_MODEL, device)
+        rows = interpret_run(run_dir, backbone.model, backbone.tokenizer, top_k)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"{record.get('task', '?')} prompt in {run_dir} ({len(rows)} rows, model {backbone.name})")
+    click.echo(format_table(rows))
+    if json_out is not None:
+        atomic_write_json(json_out, {"run": str(run_dir), "task": record.get("task"), "rows": rows_to_json(rows)})
+
+
+@app.command("study")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Study folder (default: runs/<config name>).")
+@click.option("--quiet", is_flag=True, help="No per-epoch progress bars.")
+@data_dir_option
+def study_command(config_path: Path, out: Path | None, quiet: bool, data_dir: Path | None) -> None:
+    """Train every (task, seed) of a study config, then evaluate, analyse and write report.html (resumable)."""
+    from softprompt.study import StudyConfig, run_study
+
+    try:
+        config = StudyConfig.from_toml(config_path)
+        out = out or Path("runs") / config_path.stem
+        results = run_study(config, out, data_dir=data_dir, progress=not quiet, echo=lambda line: click.echo(line, err=True))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"{'task':<6} {'n':>4} {'majority':>9} {'no prompt':>10} {'text':>6} {'soft mean':>10} {'sd':>5} {'vote':>6}")
+    for task, ev in results["evaluation"].items():
+        vote = (ev.get("ensemble") or {}).get("majority_vote", float("nan"))
+        click.echo(
+            f"{task:<6} {ev['n']:>4} {ev['majority_class']:>9.1f} {ev['no_prompt']['accuracy']:>10.1f} "
+            f"{ev['text_prompt']['accuracy']:>6.1f} {ev['mean_accuracy']:>10.1f} {ev['sd_accuracy']:>5.1f} {vote:>6.1f}"
+        )
+    click.echo(f"{out / 'report.html'}")
+
+
+@app.command("report")
+@click.argument("study_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def report_command(study_dir: Path) -> None:
+    """Rebuild report.html, the CSV tables and the figures of a study from its results.json (no training)."""
+    from softprompt.report import write_report
+
+    try:
+        click.echo(str(write_report(study_dir)))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

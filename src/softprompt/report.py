@@ -1,0 +1,462 @@
+"""The study report: results.json in; CSV tables, PNG figures and one self-contained report.html out.
+
+Everything here reads files written by `softprompt.study`; nothing trains or scores, so
+`softprompt report STUDY_DIR` rebuilds the report in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from softprompt.runs import atomic_write_bytes  # noqa: E402
+
+REPORT_FILE = "report.html"
+FIGURES = ("tsne", "pca", "similarity", "transfer")
+
+# "Interpreting Prompt-Tuning Across SuperGLUE Tasks", Table 1 (bloomz-560m, 4 runs per task).
+PAPER_TABLE1 = {"cb": (119.2, 1.31), "rte": (107.7, 3.5), "copa": (111.2, 38.5), "wsc": (135.3, 3.8)}
+# Its Table 2: zero-shot median / max accuracy over prompts, from the BLOOMZ paper.
+PAPER_TABLE2 = {"copa": (55, 67), "cb": (43, 61), "wsc": (51, 52), "rte": (53, 54)}
+# Majority-class rate of each val split (SPEC.md).
+MAJORITY_CLASS = {"cb": 50.0, "rte": 52.7, "copa": 55.0, "wsc": 63.5}
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str  # the CSV file stem
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):  # accuracies and distances to 0.1; small numbers (cosines, p-values) to 3 significant digits
+        return f"{value:.{digits}f}" if abs(value) >= 10 or value == 0 else f"{value:.3g}"
+    return str(value)
+
+
+def to_csv(table: Table) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(table.columns)
+    writer.writerows([["" if v is None else v for v in row] for row in table.rows])
+    return buffer.getvalue().encode()
+
+
+def _pm(mean: float | None, sd: float | None) -> str:
+    return fmt(mean) if sd is None else f"{fmt(mean)} ± {fmt(sd)}"
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+
+def accuracy_table(results: dict) -> Table:
+    seeds = results["study"]["seeds"]
+    columns = ["task", "metric", "n", "majority class", "no prompt", "text prompt"] + [f"seed {s}" for s in seeds]
+    columns += ["mean", "sd", "majority vote", "mean log-prob"]
+    rows = []
+    for task in results["tasks"]:
+        ev = results["evaluation"][task]
+        for key, label in (("accuracy", "accuracy"), ("exact_match", "exact match")):
+            per_seed = [ev["seeds"].get(str(s), {}).get(key) for s in seeds]
+            ens = ev.get("ensemble") or {}
+            vote, mean_lp = (ens.get("majority_vote"), ens.get("mean_logprob")) if key == "accuracy" else (None, None)
+            rows.append([task, label, ev["n"], ev["majority_class"], ev["no_prompt"][key], ev["text_prompt"][key], *per_seed,
+                         ev.get(f"mean_{key}"), ev.get(f"sd_{key}"), vote, mean_lp])
+    note = ("Accuracy: rank classification (highest summed log-likelihood). Exact match: greedy decoding reproduces "
+            "the answer (the paper's metric). Ensembles are defined on choice scores, so they have no exact match.")
+    return Table("accuracy", "Accuracy on val (%)", columns, rows, note)
+
+
+def ensemble_table(results: dict) -> Table:
+    rows = []
+    for task in results["tasks"]:
+        ens = results["evaluation"][task].get("ensemble")
+        if ens:
+            rows.append([task, ens["k"], ens["mean"], ens["sd"], ens["best"], ens["majority_vote"], ens["mean_logprob"]])
+    columns = ["task", "k prompts", "single: mean", "single: sd", "single: best", "ensemble: majority vote", "ensemble: mean log-prob"]
+    note = ("Lester et al. (2021) Table 3 layout. The k prompts run as one batch; majority vote breaks ties by the "
+            "mean log-probability; accuracy in %.")
+    return Table("ensemble", "Prompt ensembling", columns, rows, note)
+
+
+def table1(results: dict) -> Table:
+    spread = results["stochasticity"].get("spread", {})
+    rows = []
+    for task in results["tasks"]:
+        s = spread.get(task)
+        paper = PAPER_TABLE1.get(task, (None, None))
+        if s:
+            rows.append([task, s["n"], s["mean_norm"], s["norm_variance"], s["centroid_msd"], s["mean_pairwise_distance"], *paper])
+    columns = ["task", "prompts", "mean ||A||_F", "variance of ||A||_F (ddof=1)", "mean sq. distance to centroid",
+               "mean pairwise ||A-B||_F", "paper: avg norm", "paper: variance"]
+    note = ("The paper does not say which variance its Table 1 reports; we give the sample variance of the norms and the "
+            "total variance around the task's mean prompt. Norms depend on the model's embedding scale (paper: "
+            "bloomz-560m, hidden 1024), so compare the ordering of tasks, not the values.")
+    return Table("stochasticity", "Norms and spread of the prompts per task (the paper's Table 1)", columns, rows, note)
+
+
+def table2(results: dict) -> Table:
+    rows = []
+    for task in results["tasks"]:
+        ev = results["evaluation"][task]
+        seeds = [m["exact_match"] for m in ev["seeds"].values()]
+        paper = PAPER_TABLE2.get(task, (None, None))
+        rows.append([task, ev["no_prompt"]["exact_match"], ev["text_prompt"]["exact_match"],
+                     float(np.median(seeds)) if seeds else None, max(seeds) if seeds else None, *paper, MAJORITY_CLASS.get(task)])
+    columns = ["task", "ours: no prompt", "ours: text prompt", "ours: median over seeds", "ours: max over seeds",
+               "paper: median", "paper: max", "majority class (full val)"]
+    note = ("Exact match, %. The paper's Table 2 is zero-shot accuracy over hand-written prompts from the BLOOMZ paper, "
+            "not soft prompts; it is the paper's difficulty reference.")
+    return Table("zero_shot", "Beside the paper's Table 2", columns, rows, note)
+
+
+def matrix_table(name: str, title: str, labels: list[str], matrix: list[list[float]], note: str = "", corner: str = "") -> Table:
+    return Table(name, title, [corner] + labels, [[label, *row] for label, row in zip(labels, matrix)], note)
+
+
+def correlation_table(results: dict) -> Table:
+    transfer = results["transfer"]
+    rows = []
+    for key in ("accuracy", "exact_match"):
+        c = transfer.get(f"correlation_{key}")
+        if c:
+            rows.append([key, c["n_pairs"], c["spearman"], c["spearman_p"], c["pearson"], c["pearson_p"]])
+    note = ("Between ||A-B||_F of two tasks' prompts and the gain of one task's prompt on the other task, over the "
+            "off-diagonal pairs. The paper's claim (more similar prompts transfer better) predicts a negative coefficient.")
+    return Table("correlation", "Does similarity predict transfer?", ["metric", "pairs", "Spearman", "p", "Pearson", "p"], rows, note)
+
+
+def nearest_token_table(results: dict) -> Table:
+    rows = []
+    for name, reading in results["interpret"].items():
+        for row in reading["rows"]:
+            for rank, n in enumerate(row["neighbours"], start=1):
+                rows.append([name, reading["task"], reading["seed"], row["position"], row["init_token"], row["persisted"], rank, n["token"], n["script"], n["cosine"], n["token_id"]])
+    columns = ["run", "task", "seed", "position", "init token", "persisted", "rank", "token", "script", "cosine", "token id"]
+    return Table("nearest_tokens", "Nearest vocabulary tokens of every prompt row", columns, rows)
+
+
+def runs_table(results: dict) -> Table:
+    rows = []
+    for name, run in results["runs"].items():
+        val = run.get("val") or {}
+        dev = run.get("dev") or {}
+        rows.append([name, run.get("task"), run.get("seed"), run["status"], run.get("best_epoch"), run.get("epochs_run"), run.get("steps"),
+                     dev.get("loss"), dev.get("accuracy"), val.get("accuracy"), val.get("exact_match"), run.get("wall_s")])
+    columns = ["run", "task", "seed", "status", "best epoch", "epochs run", "steps", "dev loss", "dev accuracy", "val accuracy", "val exact match", "wall s"]
+    return Table("runs", "Training runs", columns, rows, "Val metrics here are on the full val split (from run.json).")
+
+
+TRANSFER_TABLES = (  # (CSV name, results key, title)
+    ("transfer_accuracy", "accuracy", "Transfer: accuracy of each task's prompt (rows) on each task (columns)"),
+    ("transfer_gain_accuracy", "gain_accuracy", "Transfer gain: accuracy minus the column task's no-prompt accuracy"),
+    ("transfer_exact_match", "exact_match", "Transfer: exact match"),
+    ("transfer_gain_exact_match", "gain_exact_match",
+     "Transfer gain: exact match minus the column task's no-prompt exact match (the paper's Figure 8)"),
+)
+
+
+def all_tables(results: dict) -> list[Table]:
+    tables = [accuracy_table(results), ensemble_table(results), table1(results), table2(results), runs_table(results)]
+    sim, transfer, stoch = results["similarity"], results["transfer"], results["stochasticity"]
+    if sim.get("tasks"):
+        tables += [
+            matrix_table("similarity", "Similarity ||A-B||_F of the tasks' prompts (lower = more similar)", sim["tasks"], sim["frobenius"],
+                         f"Prompts: {', '.join(sim['prompts'])} (one seed per task, the ones used for transfer)."),
+            matrix_table("cosine", "Cosine similarity of the flattened prompts", sim["tasks"], sim["cosine"]),
+            matrix_table("similarity_centroids", "||A-B||_F between the tasks' mean prompts (over seeds)", sim["tasks"], sim["centroid_frobenius"]),
+        ]
+    if transfer.get("tasks"):
+        tables += [
+            *(matrix_table(name, title, transfer["tasks"], transfer[key], corner="prompt \\ task") for name, key, title in TRANSFER_TABLES),
+            correlation_table(results),
+        ]
+    if stoch.get("group_distances"):
+        g = stoch["group_distances"]
+        tables.append(matrix_table("task_distances", "Mean pairwise ||A-B||_F within a task (diagonal) and between tasks", g["tasks"], g["matrix"]))
+        tables.append(Table("norms", "Frobenius norm of every prompt", ["run", "task", "norm"], [[n, g_, v] for n, g_, v in zip(stoch["prompts"], stoch["groups"], stoch["norms"])]))
+    if stoch.get("maps"):
+        rows = [[n, g_, *t, *p] for n, g_, t, p in zip(stoch["prompts"], stoch["groups"], stoch["maps"]["tsne"], stoch["maps"]["pca"])]
+        tables.append(Table("maps", "2-D maps of the prompts", ["run", "task", "tsne x", "tsne y", "pca x", "pca y"], rows))
+    tables.append(nearest_token_table(results))
+    return tables
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def map_figure(stoch: dict, kind: str, title: str) -> bytes:
+    points = np.array(stoch["maps"][kind])
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    for i, task in enumerate(dict.fromkeys(stoch["groups"])):
+        pick = np.array([g == task for g in stoch["groups"]])
+        xy = points[pick]
+        color = f"C{i}"
+        if len(xy) > 1:  # connect a task's runs, as the paper's Figure 6
+            closed = np.vstack([xy, xy[:1]]) if len(xy) > 2 else xy
+            ax.plot(closed[:, 0], closed[:, 1], color=color, alpha=0.4, lw=1)
+        ax.scatter(xy[:, 0], xy[:, 1], color=color, label=task, s=40, zorder=3)
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    return _png(fig)
+
+
+def heatmap(matrix: list[list[float]], rows: list[str], columns: list[str], title: str, cmap: str, ax, center_zero: bool = False, digits: int = 1) -> None:
+    data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    kwargs = {}
+    if center_zero:
+        bound = max(1.0, float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0)  # points; all-zero stays readable
+        kwargs = {"vmin": -bound, "vmax": bound}
+    image = ax.imshow(data, cmap=cmap, **kwargs)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_title(title, fontsize=10)
+    finite = data[np.isfinite(data)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            value = data[i, j]
+            text = "–" if np.isnan(value) else (f"{value:+.{digits}f}" if center_zero else f"{value:.{digits}f}")
+            dark = (not center_zero and value > middle) or (center_zero and abs(value) > 0.6 * kwargs["vmax"])
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
+    plt.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+
+
+def similarity_figure(sim: dict) -> bytes:
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.6), constrained_layout=True)
+    heatmap(sim["frobenius"], sim["tasks"], sim["tasks"], "||A-B||_F (lower = more similar)", "viridis_r", axes[0])
+    heatmap(sim["cosine"], sim["tasks"], sim["tasks"], "cosine of flattened prompts", "viridis", axes[1], digits=2)
+    return _png(fig)
+
+
+def transfer_figure(transfer: dict) -> bytes:
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.6), constrained_layout=True)
+    labels = transfer["tasks"]
+    heatmap(transfer["gain_accuracy"], labels, labels, "accuracy gain over no prompt (points)", "RdBu", axes[0], center_zero=True)
+    heatmap(transfer["gain_exact_match"], labels, labels, "exact-match gain over no prompt (points)", "RdBu", axes[1], center_zero=True)
+    for ax in axes:
+        ax.set_xlabel("evaluated task")
+        ax.set_ylabel("prompt trained on")
+    return _png(fig)
+
+
+def figures(results: dict) -> dict[str, bytes]:
+    out = {}
+    stoch = results["stochasticity"]
+    if stoch.get("maps"):
+        out["tsne"] = map_figure(stoch, "tsne", f"t-SNE of all prompts (perplexity {stoch['perplexity']:.1f})")
+        out["pca"] = map_figure(stoch, "pca", "PCA of all prompts (first two components)")
+    if results["similarity"].get("tasks"):
+        out["similarity"] = similarity_figure(results["similarity"])
+    if results["transfer"].get("tasks"):
+        out["transfer"] = transfer_figure(results["transfer"])
+    return out
+
+
+# --- HTML ----------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.88em}
+th,td{border:1px solid #ddd;padding:.25em .55em;text-align:right;vertical-align:top}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+.note{color:#555;font-size:.88em;max-width:60em}
+.persisted{background:#ffe08a;font-weight:600}
+.tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre}td.tok,td.cell{text-align:left}
+.script{color:#777;font-size:.8em;margin-left:.25em}
+.bad{color:#b00020;font-weight:600}.good{color:#1b7f3b;font-weight:600}
+figure{margin:1em 0}figure img{max-width:100%}figcaption{color:#555;font-size:.88em}
+.tokgrid{display:flex;flex-wrap:wrap;gap:1.5em}
+"""
+
+
+def e(value: Any) -> str:
+    return html.escape(fmt(value) if not isinstance(value, str) else value)
+
+
+def v(value: Any) -> str:
+    """A config value exactly as given (no rounding), escaped."""
+    return html.escape(str(value))
+
+
+def table_html(table: Table) -> str:
+    head = "".join(f"<th>{e(c)}</th>" for c in table.columns)
+    body = "".join("<tr>" + "".join(f"<td>{e(v)}</td>" for v in row) + "</tr>" for row in table.rows)
+    note = f'<p class="note">{e(table.note)} (CSV: {e(table.name)}.csv)</p>' if table.note else f'<p class="note">CSV: {e(table.name)}.csv</p>'
+    return f"<h3>{e(table.title)}</h3><table><tr>{head}</tr>{body}</table>{note}"
+
+
+def figure_html(name: str, png: bytes, caption: str) -> str:
+    data = base64.b64encode(png).decode()
+    return f'<figure id="fig-{name}"><img alt="{e(caption)}" src="data:image/png;base64,{data}"><figcaption>{e(caption)}</figcaption></figure>'
+
+
+def tokens_html(results: dict) -> str:
+    parts = ['<p class="note">Each row of a prompt and its nearest vocabulary tokens by cosine similarity, best first. '
+             '<span class="persisted">Highlighted</span>: the nearest token is still the init token at that position. '
+             '␣ marks a space. The script of each token is shown after it; the CSV has every seed.</p><div class="tokgrid">']
+    for task in results["tasks"]:
+        name = results["representative"].get(task)
+        reading = results["interpret"].get(name) if name else None
+        if not reading:
+            continue
+        rows = []
+        for r in reading["rows"]:
+            cells = []
+            for rank, n in enumerate(r["neighbours"]):
+                cells.append(f'<td class="cell{" persisted" if rank == 0 and r["persisted"] else ""}"><span class="tok">{e(n["token"])}</span><span class="script">{e(n["script"])} {n["cosine"]:.2f}</span></td>')
+            rows.append(f'<tr><td>{r["position"]}</td><td class="tok">{e(r["init_token"] or "–")}</td>{"".join(cells)}</tr>')
+        scripts = _script_counts(results, task)
+        head = "".join(f"<th>#{i + 1}</th>" for i in range(len(reading["rows"][0]["neighbours"]))) if reading["rows"] else ""
+        per_seed = ", ".join(f"seed {r['seed']}: {sum(row['persisted'] for row in r['rows'])}/{len(r['rows'])}"
+                             for r in results["interpret"].values() if r["task"] == task)
+        parts.append(f'<div><h3>{e(task.upper())}: run {e(name)}</h3><p class="note">Rows persisted: {e(per_seed)}. '
+                     f'Scripts of the top-1 tokens over all seeds: {e(scripts)}</p>'
+                     f'<table><tr><th>pos</th><th>init</th>{head}</tr>{"".join(rows)}</table></div>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _script_counts(results: dict, task: str) -> str:
+    counts: dict[str, int] = {}
+    for reading in results["interpret"].values():
+        if reading["task"] == task:
+            for r in reading["rows"]:
+                script = r["neighbours"][0]["script"]
+                counts[script] = counts.get(script, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def verdicts(results: dict) -> list[str]:
+    """One honest sentence per task: does the soft prompt beat no prompt and the majority class?"""
+    lines = []
+    for task in results["tasks"]:
+        ev = results["evaluation"][task]
+        mean = ev.get("mean_accuracy")
+        if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+            lines.append(f'<li class="bad">{e(task.upper())}: no finished run.</li>')
+            continue
+        zero, majority, text = ev["no_prompt"]["accuracy"], ev["majority_class"], ev["text_prompt"]["accuracy"]
+        failed = [f"{name} ({fmt(value)})" for name, value in (("no prompt", zero), ("the majority class", majority)) if not mean > value]
+        verdict = (f"does NOT beat {' or '.join(failed)}" if failed
+                   else f"beats no prompt ({fmt(zero)}) and the majority class ({fmt(majority)})")
+        lines.append(
+            f'<li class="{"bad" if failed else "good"}">{e(task.upper())}: mean soft-prompt accuracy {fmt(mean)} over '
+            f'{len(ev["seeds"])} seed(s) {e(verdict)}; text prompt {fmt(text)}, best seed {fmt(ev["ensemble"]["best"])}, '
+            f'majority-vote ensemble {fmt(ev["ensemble"]["majority_vote"])}.</li>'
+        )
+    return lines
+
+
+def protocol_html(results: dict) -> str:
+    s = results["study"]
+    splits = results["protocol"]["splits"]
+    split_rows = "".join(
+        f"<tr><td>{v(t)}</td><td>{v(d.get('train', '–'))}</td><td>{v(d.get('dev', '–'))}</td><td>{v(d.get('val', '–'))}</td><td>{v(d.get('eval', '–'))}</td></tr>"
+        for t, d in splits.items()
+    )
+    early = {"dev": "a stratified dev slice held out of train (val stays unseen until the end)",
+             "val": "the val split itself (the paper's protocol: it selects on the split it reports)"}.get(s["early_stop_on"], s["early_stop_on"])
+    failed = [n for n, r in results["runs"].items() if r["status"] != "done"]
+    items = [
+        f"Model: <b>{v(results['model'])}</b> (frozen); prompt length {v(s['num_tokens'])}; init: {v(s['init'])}"
+        + (f" ({v(s['init_text'])})" if s.get("init_text") else " (each task's hand-written good prompt, repeated or truncated)" if s["init"] == "text" else ""),
+        f"Optimiser: AdamW, lr {v(s['lr'])}, weight decay {v(s['weight_decay'])}, batch {v(s['batch_size'])} x {v(s['grad_accum'])}; "
+        f"at most {v(s['epochs'])} epochs" + (f" / {v(s['max_steps'])} steps" if s.get("max_steps") else "") + f", patience {v(s['patience'])}.",
+        f"Early stopping on dev loss, dev = {e(early)}; the best-dev prompt is kept.",
+        f"Train subsample: {v(s['max_train_examples']) if s.get('max_train_examples') else 'none (all of train)'}; data seed {v(s['data_seed'])}.",
+        f"Seeds: {e(', '.join(map(str, s['seeds'])))} ({len(s['seeds'])} runs per task); transfer and similarity use seed "
+        f"{v(results['protocol']['representative_seed'])}'s prompt for each task.",
+        "Evaluation: official SuperGLUE val split" + (f", a seeded random subsample of {v(s['max_eval_examples'])} examples per task" if s.get("max_eval_examples") else " in full") + ".",
+    ]
+    if s["init"] == "text":
+        items.append("With the text init every seed starts from the same prompt: seeds differ only in the order of the "
+                     "training batches, so the spread over seeds measures sensitivity to data order.")
+    if failed:
+        items.append(f'<span class="bad">Runs left out (not done): {e(", ".join(failed))}</span>')
+    return ("<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul><table><tr><th>task</th><th>train</th><th>dev</th><th>val</th>"
+            f"<th>scored here</th></tr>{split_rows}</table>")
+
+
+CAPTIONS = {
+    "tsne": "Figure: t-SNE map of every prompt (runs of a task connected, as in the paper's Figure 6). "
+    "t-SNE keeps neighbourhoods, not distances.",
+    "pca": "Figure: PCA of every prompt (a linear projection: distances are shrunk but not warped).",
+    "similarity": "Figure: ||A-B||_F (the paper's Figure 7) and cosine similarity between the tasks' prompts.",
+    "transfer": "Figure: gain of each task's prompt (rows) on each task (columns) over that task with no prompt "
+    "(the paper's Figure 8), diagonal included.",
+}
+
+
+def render(results: dict, figs: dict[str, bytes], tables: list[Table]) -> str:
+    by_name = {t.name: t for t in tables}
+    section = lambda *names: "".join(table_html(by_name[n]) for n in names if n in by_name)  # noqa: E731
+    fig = lambda name: figure_html(name, figs[name], CAPTIONS[name]) if name in figs else ""  # noqa: E731
+    stoch_note = results["stochasticity"].get("maps_note", "")
+    title = results.get("title") or "softprompt study"
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title><style>{CSS}</style></head><body>
+<h1>{e(title)}</h1>
+<p class="note">Reproduces "Interpreting Prompt-Tuning Across SuperGLUE Tasks" (Dayton, O'Rahilly, Werner) with softprompt,
+plus Lester et al.'s prompt ensembling. Every number below is in results.json and the CSV files beside this report.</p>
+<h2>Verdict</h2><ul>{''.join(verdicts(results))}</ul>
+<h2>Protocol</h2>{protocol_html(results)}
+<h2>Accuracy</h2>{section('accuracy', 'zero_shot', 'ensemble')}
+<h2>What the prompts say: nearest tokens</h2>{tokens_html(results)}
+<h2>Stochasticity over seeds</h2>{section('stochasticity')}
+{fig('tsne')}
+{fig('pca')}
+<p class="note">{e(stoch_note)}</p>{section('task_distances')}
+<h2>Similarity between tasks</h2>{fig('similarity')}
+{section('similarity', 'cosine', 'similarity_centroids')}
+<h2>Zero-shot task transfer</h2>{fig('transfer')}
+{section('transfer_gain_exact_match', 'transfer_gain_accuracy', 'transfer_accuracy', 'transfer_exact_match', 'correlation')}
+<h2>Runs</h2>{section('runs')}
+</body></html>
+"""
+
+
+def write_report(study_dir: str | Path) -> Path:
+    """Write every CSV table, every PNG figure and report.html for a study folder; returns the report's path.
+
+    Raises:
+        FileNotFoundError: no results.json (run `softprompt study` first).
+    """
+    study_dir = Path(study_dir)
+    path = study_dir / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results.json in {study_dir}; run `softprompt study CONFIG --out {study_dir}` first")
+    results = json.loads(path.read_text())
+    tables = all_tables(results)
+    for table in tables:
+        atomic_write_bytes(study_dir / f"{table.name}.csv", to_csv(table))
+    figs = figures(results)
+    for name, png in figs.items():
+        atomic_write_bytes(study_dir / f"{name}.png", png)
+    atomic_write_bytes(study_dir / REPORT_FILE, render(results, figs, tables).encode())
+    return study_dir / REPORT_FILE

@@ -1,0 +1,488 @@
+"""A study: train every (task, seed), evaluate, analyse, report. Resumable at every stage.
+
+Layout of a study folder:
+    study.json              the resolved study config
+    runs/<task>-s<seed>/    one training run each (prompt.safetensors + run.json)
+    scores/<source>__<task>.json
+                            cached per-example scores of one prompt (or none / the text prompt) on one
+                            task's eval set, keyed by the prompt's checksum and the eval set's fingerprint
+    results.json            every number the report shows
+    report.html, *.csv, *.png   written by `softprompt.report` from results.json
+
+A run whose run.json says `done` is never retrained; anything else (missing, half-written,
+crashed) is retrained from scratch. Scores are recomputed only when the prompt or the eval set changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import re
+import time
+import tomllib
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from softprompt import analysis
+from softprompt.backbone import DEFAULT_MODEL, Backbone, load_backbone
+from softprompt.batch import Encoded, encode
+from softprompt.evaluate import Scores, metrics, score
+from softprompt.interpret import interpret_prompt, rows_to_json, run_init_ids
+from softprompt.prompt import embed_ids
+from softprompt.runs import atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
+from softprompt.tasks import get_task, load_examples
+from softprompt.train import TrainConfig, TrainingDiverged, train
+
+RESULTS_FILE = "results.json"
+STUDY_FILE = "study.json"
+PER_RUN_KEYS = ("task", "seed")  # set by the study for each run, not in the config file
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN_KEYS)
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A study: the grid tasks x seeds, the TrainConfig fields shared by every run, and evaluation choices.
+
+    In TOML every key sits at the top level: the study's own keys below, plus any TrainConfig field
+    except `task` and `seed` (`model`, `num_tokens`, `init`, `lr`, `epochs`, `patience`, ...).
+    """
+
+    tasks: tuple[str, ...] = field(metadata=_help("Tasks to train, e.g. [\"cb\", \"rte\", \"copa\", \"wsc\"]."))
+    seeds: tuple[int, ...] = field(metadata=_help("Training seeds; one run per (task, seed)."))
+    train: dict[str, Any] = field(default_factory=dict, metadata=_help("TrainConfig fields shared by every run."))
+    transfer_seed: int | None = field(
+        default=None, metadata=_help("Whose prompt stands for a task in transfer and similarity (default: the first seed).")
+    )
+    max_eval_examples: int | None = field(
+        default=None, metadata=_help("Score a seeded random subsample of each val split of this size (default: all of it).")
+    )
+    top_k: int = field(default=3, metadata=_help("Nearest tokens per prompt row."))
+    name: str = field(default="", metadata=_help("A title for the report."))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if not self.tasks:
+            raise ValueError("study key `tasks` is empty; list at least one of cb, rte, copa, wsc")
+        for task in self.tasks:
+            get_task(task)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"study key `tasks` lists a task twice: {list(self.tasks)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study key `seeds` must list distinct integers, got {list(self.seeds)}")
+        if self.transfer_seed is not None and self.transfer_seed not in self.seeds:
+            raise ValueError(f"study key `transfer_seed` = {self.transfer_seed} is not one of `seeds` {list(self.seeds)}")
+        if self.max_eval_examples is not None and self.max_eval_examples < 1:
+            raise ValueError(f"study key `max_eval_examples` must be at least 1, got {self.max_eval_examples}")
+        if self.top_k < 1:
+            raise ValueError(f"study key `top_k` must be at least 1, got {self.top_k}")
+        unknown = sorted(set(self.train) - set(TRAIN_KEYS))
+        if unknown:
+            raise ValueError(f"unknown training key(s) {unknown}; valid keys: {', '.join(TRAIN_KEYS)}")
+        try:
+            self.train_config(self.tasks[0], self.seeds[0])
+        except ValueError as e:  # TrainConfig names the CLI flag (--lr); name the TOML key (lr) instead
+            raise ValueError("study config: " + re.sub(r"--([a-z-]+)", lambda m: f"`{m.group(1).replace('-', '_')}`", str(e))) from None
+
+    @property
+    def model(self) -> str:
+        return self.train.get("model", DEFAULT_MODEL)
+
+    @property
+    def representative_seed(self) -> int:
+        return self.seeds[0] if self.transfer_seed is None else self.transfer_seed
+
+    def train_config(self, task: str, seed: int) -> TrainConfig:
+        return TrainConfig(task=task, seed=seed, **self.train)
+
+    def to_json(self) -> dict:
+        study = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
+        study.update(tasks=list(self.tasks), seeds=list(self.seeds))
+        resolved = self.train_config(self.tasks[0], self.seeds[0]).to_json()
+        return {**study, **{k: resolved[k] for k in TRAIN_KEYS}}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "study config") -> StudyConfig:
+        """Build from flat TOML keys, checking each key's type.
+
+        Raises:
+            ValueError: unknown key, wrong type or invalid value; the message names the key and `source`.
+        """
+        own = {f.name for f in dataclasses.fields(cls)} - {"train"}
+        unknown = sorted(set(data) - own - set(TRAIN_KEYS))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(own | set(TRAIN_KEYS)))}")
+        for key in ("tasks", "seeds"):
+            if key not in data:
+                raise ValueError(f"{source}: missing key `{key}`")
+        hints = typing.get_type_hints(cls) | typing.get_type_hints(TrainConfig)
+        for key, value in data.items():
+            _check_type(key, value, hints[key], source)
+        kwargs = {k: v for k, v in data.items() if k in own}
+        try:
+            return cls(**kwargs, train={k: v for k, v in data.items() if k in TRAIN_KEYS})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> StudyConfig:
+        """Load a study config file.
+
+        Raises:
+            FileNotFoundError: no such file. ValueError: bad TOML or a bad key (file and key named).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"study config not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        return cls.from_dict(data, str(path))
+
+
+def _check_type(key: str, value: Any, hint: Any, source: str) -> None:
+    """Raise a ValueError naming `key` when a TOML value does not fit the field's type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    allowed = [a for a in args if a is not type(None)] if origin in (typing.Union, types.UnionType) else [hint]
+    for kind in allowed:
+        base = typing.get_origin(kind) or kind
+        if base is tuple and isinstance(value, list):
+            inner = typing.get_args(kind)[0]
+            if all(isinstance(v, inner) and not (inner is int and isinstance(v, bool)) for v in value):
+                return
+        elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        elif base is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        elif isinstance(base, type) and issubclass(base, str) and isinstance(value, str):
+            return
+        elif base is bool and isinstance(value, bool):
+            return
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ValueError(f"{source}: key `{key}` must be {names}, got {value!r}")
+
+
+def run_name(task: str, seed: int) -> str:
+    return f"{task}-s{seed}"
+
+
+def train_all(
+    config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, progress: bool, echo: Callable[[str], None]
+) -> dict[str, str]:
+    """Train every (task, seed) not already done. Returns {run name: status}.
+
+    Raises:
+        ValueError: a done run was trained with a different config (the message names the keys).
+    """
+    jobs = [(task, seed) for task in config.tasks for seed in config.seeds]
+    statuses = {}
+    for i, (task, seed) in enumerate(jobs, start=1):
+        name, train_config = run_name(task, seed), config.train_config(task, seed)
+        run_dir = out_dir / "runs" / name
+        if is_done(run_dir):
+            _check_same_config(run_dir, train_config)
+            echo(f"run {i}/{len(jobs)}: {task} seed {seed} (done, skipped)")
+            statuses[name] = "done"
+            continue
+        echo(f"run {i}/{len(jobs)}: {task} seed {seed}")
+        try:
+            record = train(train_config, run_dir, backbone=backbone, data_dir=data_dir, progress=progress)
+            statuses[name] = record["status"]
+            echo(f"run {i}/{len(jobs)}: {task} seed {seed}: val accuracy {record['val']['accuracy']:.1f} in {record['wall_s']:.0f} s")
+        except TrainingDiverged as e:
+            statuses[name] = "diverged"
+            echo(f"run {i}/{len(jobs)}: {task} seed {seed} diverged ({e}); left out of the analyses")
+    return statuses
+
+
+def _check_same_config(run_dir: Path, config: TrainConfig) -> None:
+    saved = read_run(run_dir).get("config", {})
+    wanted = config.to_json()
+    differ = sorted(k for k in wanted if k != "device" and saved.get(k) != wanted[k])
+    if differ:
+        detail = ", ".join(f"{k}: run {saved.get(k)!r} vs study {wanted[k]!r}" for k in differ)
+        raise ValueError(
+            f"{run_dir} was trained with a different config ({detail}); use another --out, or delete that run folder to retrain it"
+        )
+
+
+# --- evaluation with a score cache ---------------------------------------------------------------
+
+
+def eval_items(task: str, config: StudyConfig, tokenizer, data_dir: str | Path | None) -> list[Encoded]:
+    """The task's val split (or a seeded random subsample of `max_eval_examples`), encoded."""
+    train_config = config.train_config(task, config.seeds[0])
+    examples = load_examples(get_task(task), "val", data_dir)
+    if config.max_eval_examples is not None and config.max_eval_examples < len(examples):
+        keep = sorted(random.Random(train_config.data_seed).sample(range(len(examples)), config.max_eval_examples))
+        examples = [examples[i] for i in keep]
+    return [encode(tokenizer, e, train_config.max_length) for e in examples]
+
+
+def fingerprint(items: list[Encoded]) -> str:
+    """A checksum of an encoded eval set: cached scores are reused only for the very same inputs."""
+    data = json.dumps([[item.context, list(item.choices), item.label] for item in items])
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def _cache_path(out_dir: Path, source: str, task: str) -> Path:
+    return out_dir / "scores" / f"{source}__{task}.json"
+
+
+def _load_cached(path: Path, key: dict) -> Scores | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("key") != key:
+        return None
+    logprobs = torch.tensor([[[-math.inf if v is None else v for v in row] for row in data["logprobs"]]])
+    return Scores(logprobs, torch.tensor([data["exact"]]), torch.tensor(data["labels"]), torch.tensor(data["answer_tokens"]))
+
+
+def _save_cached(path: Path, key: dict, scores: Scores, k: int) -> None:
+    logprobs = [[None if math.isinf(v) else round(v, 5) for v in row] for row in scores.logprobs[k].tolist()]
+    payload = {"key": key, "logprobs": logprobs, "exact": scores.exact[k].tolist(), "labels": scores.labels.tolist(),
+               "answer_tokens": scores.answer_tokens.tolist()}
+    atomic_write_json(path, payload)
+
+
+def cached_scores(
+    out_dir: Path, backbone: Backbone, sources: dict[str, Tensor | None], task: str, items: list[Encoded], batch_size: int,
+    echo: Callable[[str], None], progress: bool = False,
+) -> dict[str, Scores]:
+    """Scores of each named prompt on one task, from the cache where the prompt and items are unchanged.
+
+    Missing soft prompts of equal shape are scored together as one `[K, P, H]` batch.
+    """
+    items_key = fingerprint(items)
+    keys = {
+        s: {"model": backbone.name, "task": task, "items": items_key, "prompt": None if p is None else tensor_sha256(p)}
+        for s, p in sources.items()
+    }
+    found = {s: _load_cached(_cache_path(out_dir, s, task), keys[s]) for s in sources}
+    missing = [s for s, cached in found.items() if cached is None]
+    groups: dict[tuple, list[str]] = {}
+    for s in missing:
+        groups.setdefault(None if sources[s] is None else tuple(sources[s].shape), []).append(s)
+    for shape, names in groups.items():
+        echo(f"scoring {', '.join(names)} on {task} ({len(items)} examples)")
+        stacked = None if shape is None else torch.stack([sources[s] for s in names])
+        if stacked is None and len(names) > 1:
+            raise ValueError("at most one no-prompt source per task")
+        scores = score(backbone, stacked, items, max(1, batch_size // len(names)), progress=progress)
+        for k, s in enumerate(names):
+            _save_cached(_cache_path(out_dir, s, task), keys[s], scores, k)
+            found[s] = Scores(scores.logprobs[k : k + 1], scores.exact[k : k + 1], scores.labels, scores.answer_tokens)
+    return found
+
+
+# --- the study ---------------------------------------------------------------------------------
+
+
+def run_study(
+    config: StudyConfig,
+    out_dir: str | Path,
+    data_dir: str | Path | None = None,
+    backbone: Backbone | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Train, evaluate and analyse every (task, seed) of a study, then write results.json and the report.
+
+    Re-running continues: done runs and cached scores are reused.
+
+    Returns:
+        The results (also in `out_dir/results.json`).
+    """
+    from softprompt.report import write_report  # the report reads results.json; imported late to keep matplotlib out of training
+
+    out_dir = Path(out_dir)
+    started = time.time()
+    atomic_write_json(out_dir / STUDY_FILE, config.to_json())
+    backbone = backbone or load_backbone(config.model, config.train.get("device", "auto"))
+    statuses = train_all(config, out_dir, backbone, data_dir, progress, echo)
+    results = analyse(config, out_dir, backbone, data_dir, statuses, echo, progress)
+    results["analysis_wall_s"] = round(time.time() - started, 1)
+    atomic_write_json(out_dir / RESULTS_FILE, json_safe(results))
+    write_report(out_dir)
+    echo(f"wrote {out_dir / 'report.html'}")
+    return results
+
+
+def analyse(
+    config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, statuses: dict[str, str],
+    echo: Callable[[str], None], progress: bool = False,
+) -> dict:
+    """Every analysis of the issue, from the saved runs (never trains)."""
+    done = {name: out_dir / "runs" / name for name, status in statuses.items() if status == "done"}
+    records = {name: read_run(path) for name, path in done.items()}
+    prompts = {name: load_prompt(path, hidden_size=backbone.hidden_size)[0] for name, path in done.items()}
+    seeds_of = {task: [s for s in config.seeds if run_name(task, s) in done] for task in config.tasks}
+    representative = {task: _representative(config, task, seeds_of[task]) for task in config.tasks}
+    batch_size = config.train_config(config.tasks[0], config.seeds[0]).eval_batch_size
+
+    items = {task: eval_items(task, config, backbone.tokenizer, data_dir) for task in config.tasks}
+    evaluation, transfer_scores = {}, {}
+    for task in config.tasks:
+        own = {run_name(task, s): prompts[run_name(task, s)] for s in seeds_of[task]}
+        others = {representative[t]: prompts[representative[t]] for t in config.tasks if t != task and representative[t]}
+        scores = {}
+        for sources in ({"none": None}, {f"text-{task}": _text_prompt(backbone, config, task)}, own | others):
+            scores |= cached_scores(out_dir, backbone, sources, task, items[task], batch_size, echo, progress)
+        evaluation[task] = _evaluate_task(task, seeds_of[task], scores, items[task])
+        transfer_scores[task] = {source: metrics(scores[source]) for source in others | own}
+
+    results = {
+        "title": config.name,
+        "study": config.to_json(),
+        "model": backbone.name,
+        "tasks": list(config.tasks),
+        "protocol": _protocol(config, records, items),
+        "runs": {name: _run_summary(name, records.get(name), statuses[name]) for name in statuses},
+        "evaluation": evaluation,
+        "representative": representative,
+    }
+    tasks_with_prompt = [t for t in config.tasks if representative[t]]
+    results["transfer"] = _transfer(tasks_with_prompt, representative, transfer_scores, evaluation)
+    results["similarity"] = _similarity(tasks_with_prompt, representative, prompts, seeds_of)
+    results["stochasticity"] = _stochasticity(config, prompts, seeds_of)
+    if tasks_with_prompt:
+        distance = torch.tensor(results["similarity"]["frobenius"])
+        for key in ("accuracy", "exact_match"):
+            gain = torch.tensor(results["transfer"][f"gain_{key}"])
+            results["transfer"][f"correlation_{key}"] = asdict(analysis.similarity_vs_transfer(distance, gain))
+    results["interpret"] = {name: _interpret(backbone, records[name], prompts[name], config.top_k) for name in done}
+    return results
+
+
+def _interpret(backbone: Backbone, record: dict, prompt: Tensor, top_k: int) -> dict:
+    init_ids = run_init_ids(record, backbone.tokenizer, prompt.shape[0])
+    rows = interpret_prompt(backbone.model, backbone.tokenizer, prompt, init_ids, top_k)
+    return {"task": record["task"], "seed": record["config"]["seed"], "rows": rows_to_json(rows)}
+
+
+def _representative(config: StudyConfig, task: str, seeds: list[int]) -> str | None:
+    """The run that stands for a task in transfer and similarity: the transfer seed, else the first done seed."""
+    if config.representative_seed in seeds:
+        return run_name(task, config.representative_seed)
+    return run_name(task, seeds[0]) if seeds else None
+
+
+def _text_prompt(backbone: Backbone, config: StudyConfig, task: str) -> Tensor:
+    """The task's good-prompt text as token embeddings (as `softprompt evaluate --text-prompt`)."""
+    text = config.train.get("init_text") or get_task(task).init_text
+    return embed_ids(backbone.model, backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _evaluate_task(task: str, seeds: list[int], scores: dict[str, Scores], items: list[Encoded]) -> dict:
+    labels = torch.tensor([item.label for item in items])
+    majority = 100.0 * float(labels.bincount().max()) / len(labels)
+    per_seed = {str(s): metrics(scores[run_name(task, s)]) for s in seeds}
+    result = {
+        "n": len(items),
+        "majority_class": majority,
+        "no_prompt": metrics(scores["none"]),
+        "text_prompt": metrics(scores[f"text-{task}"]),
+        "seeds": per_seed,
+    }
+    for key in ("accuracy", "exact_match"):
+        values = torch.tensor([m[key] for m in per_seed.values()], dtype=torch.float64)
+        result[f"mean_{key}"] = float(values.mean()) if len(values) else math.nan
+        result[f"sd_{key}"] = float(values.std()) if len(values) > 1 else math.nan
+    if seeds:
+        logprobs = torch.cat([scores[run_name(task, s)].logprobs for s in seeds])  # [K, E, C]
+        result["ensemble"] = asdict(analysis.ensemble(logprobs, labels))
+    return result
+
+
+def _transfer(tasks: list[str], representative: dict[str, str | None], scores: dict[str, dict], evaluation: dict) -> dict:
+    """Every task's representative prompt on every task: metric and gain over that task's no-prompt score."""
+    out: dict[str, Any] = {"tasks": tasks, "sources": {t: representative[t] for t in tasks}}
+    for key in ("accuracy", "exact_match"):
+        matrix = torch.tensor([[scores[target][representative[source]][key] for target in tasks] for source in tasks], dtype=torch.float64)
+        baseline = torch.tensor([evaluation[t]["no_prompt"][key] for t in tasks], dtype=torch.float64)
+        out[key] = matrix.tolist()
+        out[f"gain_{key}"] = analysis.transfer_gain(matrix, baseline).tolist()
+    return out
+
+
+def _similarity(
+    tasks: list[str], representative: dict[str, str | None], prompts: dict[str, Tensor], seeds_of: dict[str, list[int]]
+) -> dict:
+    if not tasks:
+        return {"tasks": []}
+    names = [representative[t] for t in tasks]
+    stacked = analysis.stack_prompts([prompts[n] for n in names], names)
+    centroids = analysis.stack_prompts([torch.stack([prompts[run_name(t, s)] for s in seeds_of[t]]).mean(0) for t in tasks], tasks)
+    return {
+        "tasks": tasks,
+        "prompts": names,
+        "frobenius": analysis.distance_matrix(stacked).tolist(),
+        "cosine": analysis.cosine_matrix(stacked).tolist(),
+        "centroid_frobenius": analysis.distance_matrix(centroids).tolist(),
+    }
+
+
+def _stochasticity(config: StudyConfig, prompts: dict[str, Tensor], seeds_of: dict[str, list[int]]) -> dict:
+    names = [run_name(t, s) for t in config.tasks for s in seeds_of[t]]
+    if not names:
+        return {"prompts": []}
+    groups = [n.rsplit("-s", 1)[0] for n in names]
+    stacked = analysis.stack_prompts([prompts[n] for n in names], names)
+    task_names, between = analysis.group_distances(analysis.distance_matrix(stacked), groups)
+    out = {
+        "prompts": names,
+        "groups": groups,
+        "norms": analysis.frobenius_norms(stacked).tolist(),
+        "spread": {t: asdict(analysis.spread(stacked[[g == t for g in groups]])) for t in task_names},
+        "group_distances": {"tasks": task_names, "matrix": between.tolist()},
+    }
+    try:
+        maps = analysis.maps_2d(stacked, seed=config.representative_seed)
+        out["maps"] = {k: v.tolist() for k, v in maps.items()}
+        out["perplexity"] = analysis.perplexity_for(len(names))
+    except ValueError as e:
+        out["maps_note"] = str(e)
+    return out
+
+
+def _protocol(config: StudyConfig, records: dict[str, dict], items: dict[str, list[Encoded]]) -> dict:
+    data = {}
+    for task in config.tasks:
+        record = next((r for r in records.values() if r["task"] == task), None)
+        data[task] = {**(record["data"] if record else {}), "eval": len(items[task])}
+    return {"splits": data, "max_eval_examples": config.max_eval_examples, "representative_seed": config.representative_seed}
+
+
+def _run_summary(name: str, record: dict | None, status: str) -> dict:
+    if record is None:
+        return {"status": status}
+    keys = ("task", "status", "best_epoch", "steps", "wall_s", "dev", "val")
+    return {**{k: record.get(k) for k in keys}, "seed": record["config"]["seed"], "epochs_run": len(record.get("history", []))}
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN and infinities become null, so results.json is strict JSON that any tool reads."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

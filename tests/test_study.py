@@ -1,0 +1,198 @@
+"""The study end to end on a tiny random model: every file, resumable, report references every figure."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import FIXTURE_DATA, TINY_CONFIGS
+from softprompt.backbone import model_from_config
+from softprompt.cli import app
+from softprompt.report import FIGURES, write_report
+from softprompt.study import StudyConfig, run_study
+
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
+TABLES = ("accuracy", "ensemble", "stochasticity", "zero_shot", "runs", "similarity", "cosine", "similarity_centroids",
+          "transfer_accuracy", "transfer_gain_accuracy", "transfer_exact_match", "transfer_gain_exact_match",
+          "correlation", "task_distances", "norms", "maps", "nearest_tokens")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    backbone = model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0)
+    backbone.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_study(model: Path, **overrides) -> StudyConfig:
+    data = dict(tasks=["cb", "rte"], seeds=[0, 1], model=str(model), num_tokens=4, lr=0.05, epochs=1, max_steps=2,
+                batch_size=4, min_dev_examples=4, eval_batch_size=8, top_k=2, device="cpu")
+    return StudyConfig.from_dict(data | overrides)
+
+
+class Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.figures: dict[str, str] = {}
+        self._figure: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "figure":
+            self._figure = attrs.get("id", "").removeprefix("fig-")
+        if tag == "img" and self._figure:
+            self.figures[self._figure] = attrs.get("src", "")
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    out = tmp_path_factory.mktemp("study")
+    run_study(tiny_study(tiny_model_dir), out, data_dir=FIXTURE_DATA, progress=False, echo=lambda _: None)
+    return out
+
+
+def test_study_writes_every_file(study_dir):
+    for name in ("cb-s0", "cb-s1", "rte-s0", "rte-s1"):
+        assert json.loads((study_dir / "runs" / name / "run.json").read_text())["status"] == "done"
+        assert (study_dir / "runs" / name / "prompt.safetensors").is_file()
+    for name in ("results.json", "study.json", "report.html", *(f"{t}.csv" for t in TABLES), *(f"{f}.png" for f in FIGURES)):
+        assert (study_dir / name).is_file(), name
+    results = json.loads((study_dir / "results.json").read_text())
+    assert results["transfer"]["tasks"] == ["cb", "rte"]
+    assert len(results["interpret"]) == 4 and all(len(r["rows"]) == 4 for r in results["interpret"].values())
+    ensemble = results["evaluation"]["cb"]["ensemble"]
+    assert ensemble["k"] == 2 and ensemble["best"] >= ensemble["mean"]
+    # the diagonal of the transfer matrix is the representative prompt on its own task: same scores as its seed
+    assert results["transfer"]["accuracy"][0][0] == results["evaluation"]["cb"]["seeds"]["0"]["accuracy"]
+
+
+def test_report_embeds_every_figure(study_dir):
+    parser = Images()
+    parser.feed((study_dir / "report.html").read_text())
+    assert set(parser.figures) == set(FIGURES)
+    for name, src in parser.figures.items():
+        assert src.startswith("data:image/png;base64,"), name
+        assert len(src) > 1000, name
+
+
+def test_rerun_skips_done_runs_and_cached_scores(study_dir, tiny_model_dir):
+    stamps = {p: p.stat().st_mtime_ns for p in (study_dir / "runs").glob("*/*")}
+    scores = {p: p.stat().st_mtime_ns for p in (study_dir / "scores").glob("*.json")}
+    lines: list[str] = []
+    run_study(tiny_study(tiny_model_dir), study_dir, data_dir=FIXTURE_DATA, progress=False, echo=lines.append)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert {p: p.stat().st_mtime_ns for p in scores} == scores
+    assert [line for line in lines if line.startswith("run ")] == [
+        "run 1/4: cb seed 0 (done, skipped)", "run 2/4: cb seed 1 (done, skipped)",
+        "run 3/4: rte seed 0 (done, skipped)", "run 4/4: rte seed 1 (done, skipped)",
+    ]
+    assert not any(line.startswith("scoring") for line in lines)
+
+
+def test_half_written_run_is_retrained(study_dir, tiny_model_dir):
+    run = study_dir / "runs" / "rte-s1" / "run.json"
+    record = json.loads(run.read_text())
+    run.write_text(json.dumps({**record, "status": "running"}))
+    lines: list[str] = []
+    run_study(tiny_study(tiny_model_dir), study_dir, data_dir=FIXTURE_DATA, progress=False, echo=lines.append)
+    assert "run 4/4: rte seed 1" in lines
+    assert json.loads(run.read_text())["status"] == "done"
+
+
+def test_done_run_with_other_config_is_refused(study_dir, tiny_model_dir):
+    with pytest.raises(ValueError, match=r"different config \(lr: run 0.05 vs study 0.1\)"):
+        run_study(tiny_study(tiny_model_dir, lr=0.1), study_dir, data_dir=FIXTURE_DATA, progress=False, echo=lambda _: None)
+
+
+def test_report_command_rebuilds_from_files(study_dir):
+    (study_dir / "report.html").unlink()
+    result = CliRunner().invoke(app, ["report", str(study_dir)])
+    assert result.exit_code == 0, result.output
+    assert (study_dir / "report.html").is_file()
+
+
+def test_report_escapes_token_strings(study_dir, tmp_path):
+    results = json.loads((study_dir / "results.json").read_text())
+    name = results["representative"]["cb"]
+    results["interpret"][name]["rows"][0]["neighbours"][0]["token"] = "<script>alert(1)</script>"
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert "<script>alert(1)</script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_every_study_config_loads(path):
+    config = StudyConfig.from_toml(path)
+    assert set(config.tasks) == {"cb", "rte", "copa", "wsc"}
+    assert len(config.seeds) >= 2
+
+
+def test_paper_config_is_the_paper_protocol():
+    config = StudyConfig.from_toml(Path(__file__).resolve().parents[1] / "studies" / "paper.toml")
+    train = config.train_config("cb", 0)
+    assert (len(config.seeds), train.epochs, train.patience, train.num_tokens, train.init.value) == (4, 50, 5, 20, "text")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tasks": []}, "`tasks` is empty"),
+        ({"tasks": ["cb", "mnli"]}, "unknown task 'mnli'"),
+        ({"seeds": [0, 0]}, "`seeds` must list distinct"),
+        ({"lr": "fast"}, "key `lr` must be float"),
+        ({"lr": -1.0}, "`lr` must be a positive number"),
+        ({"learning_rate": 0.1}, r"unknown key\(s\) \['learning_rate'\]"),
+        ({"task": "cb"}, r"unknown key\(s\) \['task'\]"),
+        ({"transfer_seed": 7}, "`transfer_seed` = 7 is not one of `seeds`"),
+        ({"seeds": [0, True]}, "key `seeds` must be tuple"),
+    ],
+    ids=["no-tasks", "bad-task", "dup-seeds", "lr-type", "lr-value", "unknown-key", "per-run-key", "transfer-seed", "bool-seed"],
+)
+def test_study_config_errors_name_the_key(change, message):
+    data = dict(tasks=["cb", "rte"], seeds=[0, 1]) | change
+    with pytest.raises(ValueError, match=message):
+        StudyConfig.from_dict(data)
+
+
+def test_missing_key_is_named():
+    with pytest.raises(ValueError, match="missing key `seeds`"):
+        StudyConfig.from_dict({"tasks": ["cb"]})
+
+
+def test_study_command_continues_a_study(study_dir, tiny_model_dir, tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        f'tasks = ["cb", "rte"]\nseeds = [0, 1]\nmodel = "{tiny_model_dir}"\nnum_tokens = 4\nlr = 0.05\nepochs = 1\nmax_steps = 2\n'
+        'batch_size = 4\nmin_dev_examples = 4\neval_batch_size = 8\ntop_k = 2\ndevice = "cpu"\n'
+    )
+    result = CliRunner().invoke(app, ["study", str(config), "--out", str(study_dir), "--data-dir", str(FIXTURE_DATA), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "run 4/4: rte seed 1 (done, skipped)" in result.output
+    assert re.search(r"^cb +6 ", result.output, re.M) and result.output.strip().endswith("report.html")
+
+
+def test_study_command_names_the_bad_key(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('tasks = ["cb"]\nseeds = [0]\nepoch = 3\n')
+    result = CliRunner().invoke(app, ["study", str(config)])
+    assert result.exit_code == 2 and "unknown key(s) ['epoch']" in result.output
+
+
+def test_report_is_honest_and_highlights_persisted_tokens(study_dir, tmp_path):
+    results = json.loads((study_dir / "results.json").read_text())
+    cb, rte = results["evaluation"]["cb"], results["evaluation"]["rte"]
+    cb["mean_accuracy"], cb["no_prompt"]["accuracy"], cb["majority_class"] = 40.0, 45.0, 33.3
+    rte["mean_accuracy"], rte["no_prompt"]["accuracy"], rte["majority_class"] = 70.0, 50.0, 50.0
+    results["interpret"][results["representative"]["cb"]]["rows"][0]["persisted"] = True
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert "CB: mean soft-prompt accuracy 40.0 over 2 seed(s) does NOT beat no prompt (45.0);" in text
+    assert "RTE: mean soft-prompt accuracy 70.0 over 2 seed(s) beats no prompt (50.0) and the majority class (50.0);" in text
+    assert text.count('class="cell persisted"') == 1
