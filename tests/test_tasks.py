@@ -140,7 +140,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 def test_non_object_line_is_named(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"a": 1}, [1, 2]])
-    with pytest.raises(DataError, match=r"x\.jsonl:2: expected a JSON object, got list"):
+    with pytest.raises(DataError, match=r"x\.jsonl:2: expected a JSON object, got array"):
         read_jsonl(path)
 
 
@@ -151,12 +151,23 @@ def test_empty_file(tmp_path):
         read_jsonl(path)
 
 
+# A label of the right JSON type that is not one of the task's labels, and the message it gets.
+# WSC's labels are both booleans, so any other value is a type error.
+BAD_LABELS = {
+    "cb": ("maybe", r"unknown label 'maybe' for task cb; expected one of \['entailment'"),
+    "rte": ("maybe", r"unknown label 'maybe' for task rte; expected one of \['entailment'"),
+    "copa": (2, r"unknown label 2 for task copa; expected one of \[0, 1\]"),
+    "wsc": ("maybe", r"field 'label' must be a JSON boolean, got string 'maybe'"),
+}
+
+
 @pytest.mark.parametrize("name", list(TASKS), ids=list(TASKS))
 def test_unknown_label_names_file_line_and_valid_labels(name, tmp_path):
     task = TASKS[name]
     row = KNOWN[name][0]
-    write_jsonl(tmp_path / task.folder / "train.jsonl", [row, {**row, "label": "maybe"}])
-    with pytest.raises(DataError, match=rf"train\.jsonl:2: unknown label 'maybe' for task {name}; expected one of"):
+    label, message = BAD_LABELS[name]
+    write_jsonl(tmp_path / task.folder / "train.jsonl", [row, {**row, "label": label}])
+    with pytest.raises(DataError, match=rf"train\.jsonl:2: {message}"):
         load_examples(task, "train", tmp_path)
 
 
@@ -172,17 +183,17 @@ def test_label_type_must_match():
 def test_missing_field_is_named(name, tmp_path):
     task = TASKS[name]
     row = dict(KNOWN[name][0])
-    dropped = task.fields[0]
+    dropped = next(iter(task.fields))
     del row[dropped]
     write_jsonl(tmp_path / task.folder / "val.jsonl", [KNOWN[name][0], KNOWN[name][0], row])
-    with pytest.raises(DataError, match=rf"val\.jsonl:3: missing field\(s\) \['{dropped}'\]"):
+    with pytest.raises(DataError, match=rf"val\.jsonl:3: missing field '{dropped}'"):
         load_examples(task, "val", tmp_path)
 
 
 def test_malformed_nested_field(tmp_path):
     row = {**KNOWN["wsc"][0], "target": {"span1_text": "Toby"}}
     write_jsonl(tmp_path / "WSC" / "train.jsonl", [row])
-    with pytest.raises(DataError, match=r"train\.jsonl:1: malformed wsc row \(KeyError"):
+    with pytest.raises(DataError, match=r"train\.jsonl:1: missing field 'target\.span2_text'"):
         load_examples(TASKS["wsc"], "train", tmp_path)
 
 
