@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +78,11 @@ def test_run_folder_holds_exactly_the_prompt_and_the_record(tiny_backbone, data_
     assert on_disk["config"] == config.to_json()
     assert on_disk["config"]["init"] == "text" and on_disk["config"]["early_stop_on"] == "dev"
     assert TrainConfig(**on_disk["config"]) == config  # the record re-creates the run's config
-    assert on_disk["data"] == {"train": 18, "dev": 6, "val": 6, "early_stop_on": "dev"}
+    data = dict(on_disk["data"])
+    assert data.pop("dir") == str(Path(data_dir).resolve())
+    for split in ("train", "val"):  # the exact files trained and scored on
+        assert data.pop(f"{split}_sha256") == hashlib.sha256((Path(data_dir) / "CB" / f"{split}.jsonl").read_bytes()).hexdigest()
+    assert data == {"train": 18, "dev": 6, "val": 6, "early_stop_on": "dev"}
     assert {"softprompt", "torch", "transformers", "python", "git_commit"} <= on_disk["provenance"].keys()
     assert [h["epoch"] for h in on_disk["history"]] == [1, 2, 3]
     assert [h["step"] for h in on_disk["history"]] == [3, 6, 9]
@@ -134,7 +140,8 @@ def test_nan_loss_stops_with_diverged_status_and_keeps_the_last_good_prompt(toke
 
 def test_early_stop_on_val_is_recorded(tiny_backbone, data_dir, tmp_path):
     record = run_tiny(tiny_backbone, tmp_path, data_dir, early_stop_on="val")
-    assert record["data"] == {"train": 24, "dev": 6, "val": 6, "early_stop_on": "val"}  # dev is val, train is all
+    counts = {k: v for k, v in record["data"].items() if k not in ("dir", "train_sha256", "val_sha256")}
+    assert counts == {"train": 24, "dev": 6, "val": 6, "early_stop_on": "val"}  # dev is val, train is all
     assert record["config"]["early_stop_on"] == "val"
     assert record["dev"] == record["val"]
 
@@ -181,7 +188,7 @@ def test_too_few_examples_for_the_dev_slice(data_dir):
         ("max_steps", 0, "--max-steps must be at least 1, got 0"),
         ("max_train_examples", -3, "--max-train-examples must be at least 1, got -3"),
         ("dev_fraction", 1.0, "--dev-fraction must be between 0 and 1, got 1.0"),
-        ("weight_decay", -0.1, "--weight-decay must be >= 0, got -0.1"),
+        ("weight_decay", -0.1, "--weight-decay must be a number >= 0, got -0.1"),
         ("max_grad_norm", 0.0, "--max-grad-norm must be positive, got 0.0"),
         ("init_text", "  ", "--init-text is empty"),
     ],
