@@ -39,7 +39,7 @@ from softprompt.batch import Encoded, encode
 from softprompt.evaluate import Scores, metrics, score
 from softprompt.interpret import interpret_prompt, rows_to_json, run_init_ids
 from softprompt.prompt import embed_ids
-from softprompt.runs import atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
+from softprompt.runs import RUN_FILE, atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
 from softprompt.tasks import get_task, load_examples
 from softprompt.train import TrainConfig, TrainingDiverged, train
 
@@ -184,7 +184,7 @@ def run_name(task: str, seed: int) -> str:
 def train_all(
     config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, progress: bool, echo: Callable[[str], None]
 ) -> dict[str, str]:
-    """Train every (task, seed) not already done. Returns {run name: status}.
+    """Train every (task, seed) not already done, resuming unfinished ones. Returns {run name: status}.
 
     Raises:
         ValueError: a done run was trained with a different config (the message names the keys).
@@ -199,9 +199,10 @@ def train_all(
             echo(f"run {i}/{len(jobs)}: {task} seed {seed} (done, skipped)")
             statuses[name] = "done"
             continue
-        echo(f"run {i}/{len(jobs)}: {task} seed {seed}")
+        unfinished = (run_dir / RUN_FILE).is_file()  # killed or crashed: continue from its last checkpoint
+        echo(f"run {i}/{len(jobs)}: {task} seed {seed}" + (" (unfinished, resuming)" if unfinished else ""))
         try:
-            record = train(train_config, run_dir, backbone=backbone, data_dir=data_dir, progress=progress)
+            record = train(train_config, run_dir, backbone=backbone, data_dir=data_dir, progress=progress, resume=unfinished)
             statuses[name] = record["status"]
             echo(f"run {i}/{len(jobs)}: {task} seed {seed}: val accuracy {record['val']['accuracy']:.1f} in {record['wall_s']:.0f} s")
         except TrainingDiverged as e:
