@@ -157,13 +157,28 @@ def test_resume_in_process_after_crash_matches_uninterrupted(model_dir, backbone
     assert deterministic_history(out) == deterministic_history(uninterrupted)
 
 
-def test_checkpoint_holds_optimizer_rng_and_early_stopping_state(reference):
-    tensors, state = load_checkpoint(reference / CHECKPOINT_FILE)
+def test_checkpoint_holds_optimizer_rng_and_early_stopping_state(model_dir, backbone, reference, tmp_path, monkeypatch):
+    # A finished run deletes its checkpoint: crash after the last epoch's checkpoint, before the final scoring.
+    def crash(*_):
+        raise Crash("crash after the last epoch")
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "load_prompt", crash)  # train calls it only to score the best prompt at the end
+        with pytest.raises(Crash):
+            train(config_for(model_dir), out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
+    tensors, state = load_checkpoint(out / CHECKPOINT_FILE)
     assert {"prompt", "optimizer.exp_avg", "optimizer.exp_avg_sq", "optimizer.step", "rng.data_order", "rng.torch_cpu"} <= set(tensors)
     assert state["epoch"] == 3 and state["batch"] == 0 and state["step"] == 3 * STEPS_PER_EPOCH
     assert float(tensors["optimizer.step"]) == 3 * STEPS_PER_EPOCH
     assert state["best_epoch"] == read_run(reference)["best_epoch"] and state["best_loss"] is not None
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+
+    # resuming it only scores the best prompt; then the folder holds exactly what an uninterrupted run leaves
+    train(config_for(model_dir), out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False, resume=True)
+    assert read_run(out)["status"] == "done" and read_run(out)["resumed_at_step"] == [3 * STEPS_PER_EPOCH]
+    assert torch.equal(final_prompt(out), final_prompt(reference))
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir()) == [PROMPT_FILE, RUN_FILE]
 
 
 def test_same_seed_is_bit_identical_and_another_seed_differs(model_dir, backbone, reference, tmp_path):
