@@ -94,16 +94,19 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(model_dir, reference, tm
     try:
         deadline = time.time() + 90
         while time.time() < deadline and child.poll() is None:
+            # Stopped while its checkpoint is read: a child that finishes meanwhile would delete it.
+            child.send_signal(signal.SIGSTOP)
             if (out / CHECKPOINT_FILE).is_file():
                 _, state = load_checkpoint(out / CHECKPOINT_FILE)
-                if state["epoch"] == 1 and state["batch"] > 0:  # mid-way through the second epoch
+                if state["epoch"] >= 1 and state["batch"] > 0:  # mid-epoch, after a whole epoch (8 chances on a busy machine)
                     child.send_signal(signal.SIGKILL)
                     killed_at = state
                     break
+            child.send_signal(signal.SIGCONT)
             time.sleep(0.01)
     finally:
         if child.poll() is None and killed_at is None:
-            child.kill()
+            child.kill()  # SIGKILL ends a stopped process too
         child.wait()
     assert killed_at is not None, f"the child finished or stalled before it could be killed mid-epoch:\n{log.read_text()[-2000:]}"
     assert child.returncode == -signal.SIGKILL
