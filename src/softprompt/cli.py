@@ -86,7 +86,7 @@ def app() -> None:
 @app.command("train")
 @options_from(TrainConfig, optional=("task",))
 @data_dir_option
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder for prompt.safetensors, run.json and checkpoint.safetensors.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder for prompt.safetensors, run.json and, until the run finishes, checkpoint.safetensors.")
 @click.option(
     "--resume",
     type=click.Path(path_type=Path, file_okay=False),

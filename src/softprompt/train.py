@@ -203,7 +203,7 @@ def train(
     A checkpoint (`checkpoint.safetensors`: prompt, optimizer state, RNG states, position in the
     epoch, early-stopping state) is written at every epoch end and every `checkpoint_every` steps.
     With `resume=True`, training continues from it; on CPU the result is bit-identical to an
-    uninterrupted run.
+    uninterrupted run. A finished run deletes its checkpoint: the folder keeps the prompt and run.json.
 
     Returns:
         The run record (also in run.json), with per-epoch history and final dev and val metrics.
