@@ -97,8 +97,11 @@ def logits_at(
 ) -> Tensor:
     """The one forward-with-prompt: logits only where a loss or a score needs them.
 
-    The unmodified HF model runs on `[prompt; input]`; the LM head runs only on the hidden states at
-    (`rows[i]`, `positions[i]`), positions counted in `input_ids` (the prompt offset is added here).
+    The unmodified HF model runs on `[prompt; input]`, in two calls that compute exactly that: the
+    prompt positions attend only to each other, so their keys/values are the same for every row; a
+    shared `[P, H]` prompt runs once at batch 1 and its key/value cache is broadcast to the batch
+    (gradients flow back through it). The inputs then run on top of that cache. The LM head runs only
+    on the hidden states at (`rows[i]`, `positions[i]`), positions counted in `input_ids`.
 
     Args:
         prompt: `[P, H]`, `[B, P, H]` or None.
@@ -109,7 +112,17 @@ def logits_at(
         logits `[N, V]` in fp32.
     """
     inputs_embeds = model.get_input_embeddings()(input_ids)  # [B, T, H]
-    embeds, mask = prepend(prompt, inputs_embeds, attention_mask)
-    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-    offset = 0 if prompt is None else prompt.shape[-2]
-    return output_logits(model, hidden[rows, positions + offset])  # [N, V]
+    if prompt is None:
+        hidden = model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return output_logits(model, hidden[rows, positions])  # [N, V]
+    batch = input_ids.shape[0]
+    prompts = prompt.unsqueeze(0) if prompt.dim() == 2 else prompt  # [1 or B, P, H]
+    prompts = prompts.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+    cache = model.base_model(inputs_embeds=prompts, use_cache=True).past_key_values
+    if prompts.shape[0] != batch:
+        cache.batch_repeat_interleave(batch)  # [1, heads, P, d] -> [B, heads, P, d] per layer
+    _, mask = prepend(prompt, inputs_embeds[:, :0], attention_mask)  # [B, P+T]
+    hidden = model.base_model(
+        inputs_embeds=inputs_embeds, attention_mask=mask, past_key_values=cache, use_cache=True
+    ).last_hidden_state  # [B, T, H]
+    return output_logits(model, hidden[rows, positions])  # [N, V]
