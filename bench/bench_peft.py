@@ -81,7 +81,7 @@ def peak_rss_growth(fn) -> int:
 
 
 # ---------------------------------------------------------------- FLOPs
-def matmul_flops_per_s(threads_note: str, size: int = 1024, repeats: int = 10) -> float:
+def matmul_flops_per_s(size: int = 1024, repeats: int = 10) -> float:
     """Best-of-`repeats` fp32 `[size, size] @ [size, size]` FLOP/s (2 size^3 per product)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     for _ in range(2):
@@ -333,7 +333,7 @@ def main() -> None:
     parser.add_argument("--score-examples", type=int, default=32, help="First N val examples per task.")
     parser.add_argument("--score-batch-size", type=int, default=16, help="softprompt: examples per forward; naive: rows.")
     parser.add_argument("--score-repeats", type=int, default=2)
-    X
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 keeps timings on a shared machine steadier (0: torch's choice).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
@@ -343,10 +343,10 @@ def main() -> None:
     backbone = load_backbone(args.model, "cpu")
     dims = model_dims(backbone)
     started = time.time()
-    peak_before = matmul_flops_per_s("")
+    peak_before = matmul_flops_per_s()
     training = bench_training(backbone, args, dims)
     scoring = bench_scoring(backbone, args)
-    peak = max(peak_before, matmul_flops_per_s(""))
+    peak = max(peak_before, matmul_flops_per_s())
     result = {
         "command": "python bench/bench_peft.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in {"out", "data_dir"}),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),

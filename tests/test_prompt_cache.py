@@ -1,4 +1,4 @@
-"""logits_at runs a shared prompt once and reuses its keys/values: same logits and gradients as `[prompt; input]`."""
+"""logits_at reuses keys/values (a shared prompt once, a shared context once): same numbers as `[prompt; input]`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES
+from softprompt.batch import encode
+from softprompt.evaluate import score
 from softprompt.prompt import logits_at, output_logits, prepend
+from softprompt.tasks import get_task, load_examples
 
 
 def _concatenated(model, prompt, input_ids, attention_mask, rows, positions):
@@ -36,3 +39,29 @@ def test_cached_prompt_matches_concatenation(tiny_backbone, num_tokens):
     torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.grad, reference.grad, atol=1e-6, rtol=1e-4)
     assert reference.grad.abs().max() > 0
+
+
+def _naive_logprobs(model, prompt, items) -> torch.Tensor:
+    """One unpadded `[prompt; context + choice]` forward per choice, full logits: `[E, C]`."""
+    out = torch.full((len(items), max(len(i.choices) for i in items)), float("-inf"))
+    for e, item in enumerate(items):
+        for c, choice in enumerate(item.choices):
+            ids = torch.tensor([item.context + choice])
+            embeds = model.get_input_embeddings()(ids)
+            if prompt is not None:
+                embeds = torch.cat([prompt[None], embeds], dim=1)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(inputs_embeds=embeds).logits[0].float(), -1)
+            at = torch.arange(len(choice)) + (0 if prompt is None else prompt.shape[0]) + len(item.context) - 1
+            out[e, c] = logprobs[at, torch.tensor(choice)].sum()
+    return out
+
+
+@pytest.mark.parametrize("tiny_backbone", ARCHITECTURES, indirect=True)
+@pytest.mark.parametrize("task", ["copa", "cb"])
+@pytest.mark.parametrize("with_prompt", [True, False], ids=["prompt", "no-prompt"])
+def test_shared_context_scoring_matches_naive(tiny_backbone, data_dir, task, with_prompt):
+    items = [encode(tiny_backbone.tokenizer, e, 64) for e in load_examples(get_task(task), "val", data_dir)[:5]]
+    prompt = torch.randn(3, 16) if with_prompt else None
+    scores = score(tiny_backbone, prompt, items, batch_size=4)
+    torch.testing.assert_close(scores.logprobs[0], _naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)

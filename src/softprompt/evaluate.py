@@ -71,11 +71,14 @@ def score(
     pad_id = backbone.tokenizer.pad_token_id
     for chunk in tqdm(sorted_chunks(items, batch_size), desc="scoring", disable=not progress, leave=False):
         batch = score_batch([items[i] for i in chunk], 0, pad_id).to(device)
-        n = batch.rows.shape[0]
+        n = batch.targets.shape[0]
         # One forward per prompt: logits_at runs a shared [P, H] prompt once and reuses its keys/values for every row.
         logits = torch.cat(
             [
-                logits_at(model, None if prompts is None else prompts[j], batch.input_ids, batch.attention_mask, batch.rows, batch.positions)
+                logits_at(
+                    model, None if prompts is None else prompts[j], batch.input_ids, batch.attention_mask,
+                    batch.rows, batch.positions, batch.then,
+                )
                 for j in range(k)
             ]
         )  # [K*N, V]
