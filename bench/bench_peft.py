@@ -348,7 +348,10 @@ def main() -> None:
     scoring = bench_scoring(backbone, args)
     peak = max(peak_before, matmul_flops_per_s())
     result = {
-        "command": "python bench/bench_peft.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in {"out", "data_dir"}),
+        "command": "python bench/bench_peft.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if k not in {"out", "data_dir"}
+        ),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__},
         "model": args.model,
