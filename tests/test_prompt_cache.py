@@ -65,3 +65,11 @@ def test_shared_context_scoring_matches_naive(tiny_backbone, data_dir, task, wit
     prompt = torch.randn(3, 16) if with_prompt else None
     scores = score(tiny_backbone, prompt, items, batch_size=4)
     torch.testing.assert_close(scores.logprobs[0], _naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)
+
+
+def test_several_prompts_score_as_each_alone(tiny_backbone, data_dir):
+    items = [encode(tiny_backbone.tokenizer, e, 64) for e in load_examples(get_task("copa"), "val", data_dir)[:4]]
+    prompts = torch.randn(2, 3, 16)
+    together = score(tiny_backbone, prompts, items, batch_size=3).logprobs
+    alone = torch.stack([score(tiny_backbone, p, items, batch_size=2).logprobs[0] for p in prompts])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
