@@ -25,8 +25,10 @@ from softprompt.runs import (
     atomic_write_json,
     load_prompt,
     provenance,
+    read_run,
     save_prompt,
 )
+from softprompt.tasks import TASKS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -68,8 +70,6 @@ def adapter_config(prompt: Tensor, metadata: dict[str, str], run: dict) -> dict:
 
 
 def _task_init_text(task_name: str | None) -> str | None:
-    from softprompt.tasks import TASKS
-
     task = TASKS.get(task_name or "")
     return task.init_text if task else None
 
@@ -89,9 +89,7 @@ def export_peft(run_dir: Path, out_dir: Path) -> dict:
     """
     prompt, metadata = load_prompt(run_dir)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    run = {}
-    if run_dir.is_dir() and (run_dir / RUN_FILE).is_file():
-        run = json.loads((run_dir / RUN_FILE).read_text())
+    run = read_run(run_dir) if (run_dir / RUN_FILE).is_file() else {}  # a bare prompt file has none
     config = adapter_config(prompt, metadata, run)
     weights = st_save({ADAPTER_KEY: prompt.contiguous()}, metadata={"format": "pt"})
     atomic_write_bytes(out_dir / ADAPTER_WEIGHTS, weights)
