@@ -2,7 +2,8 @@
 
 A batch carries, besides ids and mask, the flat list of positions whose next-token logits are
 needed (`rows`, `positions`), the token expected there (`targets`) and which (example, choice)
-pair each belongs to (`segments`). The forward computes logits at those positions only.
+pair each belongs to (`segments`). The forward computes logits at those positions only. A scoring
+batch encodes each context once; multi-token choices continue from it (`then`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from softprompt.prompt import Continuation
 from softprompt.tasks import Example
 
 
@@ -32,9 +34,10 @@ class Batch:
     targets: Tensor  # [N]
     segments: Tensor  # [N] index into `pairs`
     pairs: list[tuple[int, int]]  # (example index, choice index) of each segment
+    then: Continuation | None = None  # rows continuing these rows; their scored positions come after rows'
 
     def to(self, device: torch.device) -> Batch:
-        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()}
+        moved = {k: v.to(device) if isinstance(v, (Tensor, Continuation)) else v for k, v in vars(self).items()}
         return Batch(**moved)
 
     @property
@@ -85,24 +88,35 @@ def train_batch(items: list[Encoded], pad_id: int) -> Batch:
 
 
 def score_batch(items: list[Encoded], first_index: int, pad_id: int) -> Batch:
-    """Rows that score every choice of every item; choices whose inputs coincide share one row.
+    """One row per item's context, plus one continuation row per multi-token choice.
 
-    A choice needs the input context + choice[:-1]. Single-token choices all need just the context,
-    so a 3-way task with one-token verbalizers costs one row per example, not three.
+    Every choice's first token is scored at the context's last position; a choice of k > 1 tokens
+    adds a continuation row (its first k-1 tokens, on top of the context's encoding) for the rest.
+    So the context is encoded once per example, and single-token choices cost nothing beyond it.
     """
-    sequences, scored, pairs = [], [], []
+    contexts, scored, pairs = [], [], []
+    continuations, parents, next_scored = [], [], []
     for offset, item in enumerate(items):
-        row_of: dict[tuple[int, ...], int] = {}
+        row = len(contexts)
+        contexts.append(item.context)
         for c, choice in enumerate(item.choices):
-            needed = tuple(item.context + choice[:-1])
-            if needed not in row_of:
-                row_of[needed] = len(sequences)
-                sequences.append(list(needed))
             segment = len(pairs)
             pairs.append((first_index + offset, c))
-            for j, token in enumerate(choice):
-                scored.append((row_of[needed], len(item.context) - 1 + j, token, segment))
-    return _build(sequences, scored, pairs, pad_id)
+            scored.append((row, len(item.context) - 1, choice[0], segment))
+            if len(choice) > 1:
+                for j, token in enumerate(choice[1:]):
+                    next_scored.append((len(continuations), j, token, segment))
+                continuations.append(choice[:-1])
+                parents.append(row)
+    batch = _build(contexts, scored, pairs, pad_id)
+    if not continuations:
+        return batch
+    ids, mask = _pad(continuations, pad_id)
+    rows, positions, targets, segments = (torch.tensor(col, dtype=torch.long) for col in zip(*next_scored))
+    batch.then = Continuation(ids, mask, torch.tensor(parents), rows, positions)
+    batch.targets = torch.cat([batch.targets, targets])
+    batch.segments = torch.cat([batch.segments, segments])
+    return batch
 
 
 def length_of(item: Encoded) -> int:

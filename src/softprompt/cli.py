@@ -240,6 +240,32 @@ def report_command(study_dir: Path) -> None:
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
 
+@app.command("export-peft")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+def export_peft_command(run_dir: Path, out_dir: Path) -> None:
+    """Write a run's prompt as a PEFT prompt-tuning adapter (PeftModel.from_pretrained reads it)."""
+    from softprompt.peft_adapter import export_peft
+
+    try:
+        config = export_peft(run_dir, out_dir)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"PEFT adapter ({config['num_virtual_tokens']} x {config['token_dim']}) -> {out_dir}")
+
+
+@app.command("import-peft")
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def import_peft_command(adapter_dir: Path, run_dir: Path) -> None:
+    """Turn a PEFT prompt-tuning adapter into a run folder (evaluate --prompt also reads adapters directly)."""
+    from softprompt.peft_adapter import import_peft
+
+    try:
+        path = import_peft(adapter_dir, run_dir)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"imported {adapter_dir} -> {path}")
 
 def main() -> None:  # pragma: no cover
     app()

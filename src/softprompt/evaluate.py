@@ -43,16 +43,16 @@ class Scores:
         return -right.sum(-1) / self.answer_tokens.sum()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score(
     backbone: Backbone, prompts: Tensor | None, items: list[Encoded], batch_size: int = 16, progress: bool = False
 ) -> Scores:
     """Log-likelihood of every choice of every item under each prompt.
 
     Args:
-        prompts: `[P, H]` one prompt, `[K, P, H]` several run as one batch (ensembling), or None.
+        prompts: `[P, H]` one prompt, `[K, P, H]` several scored on each batch (ensembling), or None.
         items: encoded examples.
-        batch_size: examples per forward (times K).
+        batch_size: examples per forward.
 
     Returns:
         Scores with K = 1 for a single prompt or None.
@@ -71,12 +71,17 @@ def score(
     pad_id = backbone.tokenizer.pad_token_id
     for chunk in tqdm(sorted_chunks(items, batch_size), desc="scoring", disable=not progress, leave=False):
         batch = score_batch([items[i] for i in chunk], 0, pad_id).to(device)
-        b, n = batch.input_ids.shape[0], batch.rows.shape[0]
-        rows = torch.cat([batch.rows + j * b for j in range(k)])  # [K*N]
-        row_prompts = None if prompts is None else prompts.repeat_interleave(b, dim=0)  # [K*B, P, H]
-        logits = logits_at(
-            model, row_prompts, batch.input_ids.repeat(k, 1), batch.attention_mask.repeat(k, 1), rows, batch.positions.repeat(k)
-        )
+        n = batch.targets.shape[0]
+        # One forward per prompt: logits_at runs a shared [P, H] prompt once and reuses its keys/values for every row.
+        logits = torch.cat(
+            [
+                logits_at(
+                    model, None if prompts is None else prompts[j], batch.input_ids, batch.attention_mask,
+                    batch.rows, batch.positions, batch.then,
+                )
+                for j in range(k)
+            ]
+        )  # [K*N, V]
         token_lp = torch.log_softmax(logits, -1).gather(-1, batch.targets.repeat(k).unsqueeze(-1)).view(k, n).cpu()
         greedy_wrong = (logits.argmax(-1) != batch.targets.repeat(k)).view(k, n).long().cpu()
         segments = batch.segments.cpu()

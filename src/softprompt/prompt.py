@@ -6,6 +6,7 @@ Initialisers are plain functions (tensors in, `[P, H]` out); callers embed token
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -92,24 +93,74 @@ def output_logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
     return logits.float()
 
 
+@dataclass
+class Continuation:
+    """Rows that continue rows of a first input: one encoding of a shared context, several continuations.
+
+    Continuation row `r` carries on from first-input row `parents[r]` (its prompt, tokens and padding),
+    so an example's context is encoded once for all its multi-token choices.
+    """
+
+    input_ids: Tensor  # [R, K] right-padded
+    attention_mask: Tensor  # [R, K]
+    parents: Tensor  # [R] row of the first input each row continues
+    rows: Tensor  # [M] continuation row of each scored position
+    positions: Tensor  # [M] position in input_ids
+
+    def to(self, device: torch.device) -> Continuation:
+        return Continuation(*(t.to(device) for t in vars(self).values()))
+
+
 def logits_at(
-    model: PreTrainedModel, prompt: Tensor | None, input_ids: Tensor, attention_mask: Tensor, rows: Tensor, positions: Tensor
+    model: PreTrainedModel,
+    prompt: Tensor | None,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    rows: Tensor,
+    positions: Tensor,
+    then: Continuation | None = None,
 ) -> Tensor:
     """The one forward-with-prompt: logits only where a loss or a score needs them.
 
-    The unmodified HF model runs on `[prompt; input]`; the LM head runs only on the hidden states at
-    (`rows[i]`, `positions[i]`), positions counted in `input_ids` (the prompt offset is added here).
+    The unmodified HF model computes `[prompt; input]` in calls that share keys/values: the prompt
+    positions attend only to each other, so their keys/values are the same for every row; a shared
+    `[P, H]` prompt runs once at batch 1 and its cache is broadcast to the batch (gradients flow back
+    through it). The inputs run on top of that cache, and `then` (if given) on top of the inputs'.
+    The LM head runs only on the hidden states at (`rows[i]`, `positions[i]`), positions counted in
+    `input_ids` (and then at `then`'s positions).
 
     Args:
         prompt: `[P, H]`, `[B, P, H]` or None.
         input_ids, attention_mask: `[B, T]`, right-padded.
         rows, positions: `[N]` each.
+        then: continuation rows, or None.
 
     Returns:
-        logits `[N, V]` in fp32.
+        logits `[N, V]` in fp32 (`[N + M, V]` with `then`: the continuation positions last).
     """
     inputs_embeds = model.get_input_embeddings()(input_ids)  # [B, T, H]
-    embeds, mask = prepend(prompt, inputs_embeds, attention_mask)
-    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-    offset = 0 if prompt is None else prompt.shape[-2]
-    return output_logits(model, hidden[rows, positions + offset])  # [N, V]
+    cache, mask = None, attention_mask
+    if prompt is not None:
+        prompts = prompt.unsqueeze(0) if prompt.dim() == 2 else prompt  # [1 or B, P, H]
+        prompts = prompts.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        cache = model.base_model(inputs_embeds=prompts, use_cache=True).past_key_values
+        if prompts.shape[0] != input_ids.shape[0]:
+            cache.batch_repeat_interleave(input_ids.shape[0])  # [1, heads, P, d] -> [B, heads, P, d] per layer
+        _, mask = prepend(prompt, inputs_embeds[:, :0], attention_mask)  # [B, P+T]
+    use_cache = cache is not None or then is not None
+    out = model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask, past_key_values=cache, use_cache=use_cache)
+    selected = out.last_hidden_state[rows, positions]  # [N, H]
+    if then is not None:
+        cache = out.past_key_values
+        cache.batch_select_indices(then.parents)  # [R, heads, P+T, d] per layer
+        start = mask.sum(1)[then.parents]  # [R] the first free position of each parent row
+        steps = torch.arange(then.input_ids.shape[1], device=start.device)
+        hidden = model.base_model(
+            inputs_embeds=model.get_input_embeddings()(then.input_ids),
+            attention_mask=torch.cat([mask[then.parents], then.attention_mask], dim=1),  # [R, P+T+K]
+            position_ids=start[:, None] + steps,  # parents' padding sits mid-row, so positions are given
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state  # [R, K, H]
+        selected = torch.cat([selected, hidden[then.rows, then.positions]])
+    return output_logits(model, selected)  # [N(+M), V]

@@ -126,12 +126,16 @@ def load_prompt(path: Path, hidden_size: int | None = None) -> tuple[Tensor, dic
     """Load and verify a prompt saved by `save_prompt`: (`[P, H]` fp32 tensor, header metadata).
 
     Args:
-        path: a `prompt.safetensors` file or a run folder holding one.
+        path: a `prompt.safetensors` file, a run folder holding one, or a PEFT adapter folder.
         hidden_size: when given, the backbone's hidden size the prompt must match.
 
     Raises:
         PromptFileError: missing, pickled, truncated or altered file, or a hidden-size mismatch.
     """
+    from softprompt.peft_adapter import is_adapter_dir, read_adapter  # lazy: peft_adapter imports this module
+
+    if is_adapter_dir(path):  # a PEFT prompt-tuning adapter folder
+        return read_adapter(path, hidden_size)
     path = prompt_path(path)
     if path.suffix in PICKLE_SUFFIXES:
         refuse_pickle(path, b"", PromptFileError)

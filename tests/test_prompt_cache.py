@@ -1,0 +1,75 @@
+"""logits_at reuses keys/values (a shared prompt once, a shared context once): same numbers as `[prompt; input]`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES
+from softprompt.batch import encode
+from softprompt.evaluate import score
+from softprompt.prompt import logits_at, output_logits, prepend
+from softprompt.tasks import get_task, load_examples
+
+
+def _concatenated(model, prompt, input_ids, attention_mask, rows, positions):
+    """The textbook forward: one pass over `[prompt; input]` for every row."""
+    embeds, mask = prepend(prompt, model.get_input_embeddings()(input_ids), attention_mask)
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    return output_logits(model, hidden[rows, positions + prompt.shape[-2]])
+
+
+@pytest.mark.parametrize("tiny_backbone", ARCHITECTURES, indirect=True)
+@pytest.mark.parametrize("num_tokens", [5, 70], ids=["short", "past-sliding-window"])
+def test_cached_prompt_matches_concatenation(tiny_backbone, num_tokens):
+    torch.manual_seed(0)
+    model = tiny_backbone.model
+    input_ids = torch.randint(0, 49152, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 7:], mask[2, 3:] = 0, 0  # right padding
+    rows, positions = torch.tensor([0, 1, 2, 0]), torch.tensor([11, 6, 2, 5])
+    ours = torch.nn.Parameter(torch.randn(num_tokens, 16))
+    reference = torch.nn.Parameter(ours.detach().clone())
+
+    cached = logits_at(model, ours, input_ids, mask, rows, positions)
+    plain = _concatenated(model, reference, input_ids, mask, rows, positions)
+    cached.logsumexp(-1).sum().backward()
+    plain.logsumexp(-1).sum().backward()
+
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.grad, reference.grad, atol=1e-6, rtol=1e-4)
+    assert reference.grad.abs().max() > 0
+
+
+def _naive_logprobs(model, prompt, items) -> torch.Tensor:
+    """One unpadded `[prompt; context + choice]` forward per choice, full logits: `[E, C]`."""
+    out = torch.full((len(items), max(len(i.choices) for i in items)), float("-inf"))
+    for e, item in enumerate(items):
+        for c, choice in enumerate(item.choices):
+            ids = torch.tensor([item.context + choice])
+            embeds = model.get_input_embeddings()(ids)
+            if prompt is not None:
+                embeds = torch.cat([prompt[None], embeds], dim=1)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(inputs_embeds=embeds).logits[0].float(), -1)
+            at = torch.arange(len(choice)) + (0 if prompt is None else prompt.shape[0]) + len(item.context) - 1
+            out[e, c] = logprobs[at, torch.tensor(choice)].sum()
+    return out
+
+
+@pytest.mark.parametrize("tiny_backbone", ARCHITECTURES, indirect=True)
+@pytest.mark.parametrize("task", ["copa", "cb"])
+@pytest.mark.parametrize("with_prompt", [True, False], ids=["prompt", "no-prompt"])
+def test_shared_context_scoring_matches_naive(tiny_backbone, data_dir, task, with_prompt):
+    items = [encode(tiny_backbone.tokenizer, e, 64) for e in load_examples(get_task(task), "val", data_dir)[:5]]
+    prompt = torch.randn(3, 16) if with_prompt else None
+    scores = score(tiny_backbone, prompt, items, batch_size=4)
+    torch.testing.assert_close(scores.logprobs[0], _naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)
+
+
+def test_several_prompts_score_as_each_alone(tiny_backbone, data_dir):
+    items = [encode(tiny_backbone.tokenizer, e, 64) for e in load_examples(get_task("copa"), "val", data_dir)[:4]]
+    prompts = torch.randn(2, 3, 16)
+    together = score(tiny_backbone, prompts, items, batch_size=3).logprobs
+    alone = torch.stack([score(tiny_backbone, p, items, batch_size=2).logprobs[0] for p in prompts])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
