@@ -64,28 +64,39 @@ def test_score_batch_single_token_choices_share_one_row():
 def test_score_batch_multi_token_choices():
     items = [Encoded([5, 6], ([8, 9, 4], [3], [8, 9, 7]), 0)]
     batch = score_batch(items, first_index=0, pad_id=PAD)
-    # the two 3-token choices share the input [5, 6, 8, 9]; [3] needs only the context
-    assert batch.input_ids.tolist() == [[5, 6, 8, 9], [5, 6, PAD, PAD]]
-    assert list(zip(batch.rows.tolist(), batch.positions.tolist(), batch.targets.tolist(), batch.segments.tolist())) == [
-        (0, 1, 8, 0), (0, 2, 9, 0), (0, 3, 4, 0),
-        (1, 1, 3, 1),
-        (0, 1, 8, 2), (0, 2, 9, 2), (0, 3, 7, 2),
-    ]
+    # the context is encoded once; every choice's first token is read at its last position
+    assert batch.input_ids.tolist() == [[5, 6]]
+    assert list(zip(batch.rows.tolist(), batch.positions.tolist())) == [(0, 1), (0, 1), (0, 1)]
+    # each 3-token choice continues the context with its first two tokens and scores the other two
+    then = batch.then
+    assert then.input_ids.tolist() == [[8, 9], [8, 9]]
+    assert then.parents.tolist() == [0, 0]
+    assert list(zip(then.rows.tolist(), then.positions.tolist())) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert batch.targets.tolist() == [8, 3, 8, 9, 4, 9, 7]
+    assert batch.segments.tolist() == [0, 1, 2, 0, 0, 2, 2]
 
 
 def test_score_batch_positions_see_exactly_context_and_choice_prefix():
-    """For every scored token, the row up to its position is context + the choice's earlier tokens."""
+    """For every scored token, the input up to its position is context + the choice's earlier tokens."""
     items = [Encoded([1, 2, 3], ([4, 5], [4, 6, 7], [8]), 1), Encoded([9], ([4], [5, 5, 5]), 1)]
     batch = score_batch(items, first_index=0, pad_id=PAD)
+    inputs = []
+    for row, pos in zip(batch.rows, batch.positions):
+        assert batch.attention_mask[row, : pos + 1].all()
+        inputs.append(batch.input_ids[row, : pos + 1].tolist())
+    then = batch.then
+    for row, pos in zip(then.rows, then.positions):
+        parent = then.parents[row]
+        context = batch.input_ids[parent][batch.attention_mask[parent].bool()].tolist()
+        assert then.attention_mask[row, : pos + 1].all()
+        inputs.append(context + then.input_ids[row, : pos + 1].tolist())
     seen = {}
-    for row, pos, target, segment in zip(batch.rows, batch.positions, batch.targets, batch.segments):
+    for seq, target, segment in zip(inputs, batch.targets, batch.segments):
         e, c = batch.pairs[segment]
         j = seen.get(int(segment), 0)
         seen[int(segment)] = j + 1
-        item = items[e]
-        assert batch.input_ids[row, : pos + 1].tolist() == item.context + item.choices[c][:j]
-        assert batch.attention_mask[row, : pos + 1].all()
-        assert target == item.choices[c][j]
+        assert seq == items[e].context + items[e].choices[c][:j]
+        assert target == items[e].choices[c][j]
     assert seen == {s: len(items[e].choices[c]) for s, (e, c) in enumerate(batch.pairs)}
 
 
@@ -109,12 +120,22 @@ def test_sorted_chunks_cover_every_item_longest_first():
 def test_bucketed_batches_are_a_seeded_shuffle_of_similar_lengths():
     lengths = torch.randperm(32, generator=torch.Generator().manual_seed(3)).add(2).tolist()
     items = items_of_lengths(lengths)
-    batches = bucketed_batches(items, batch_size=2, generator=torch.Generator().manual_seed(0))
+    batches = bucketed_batches(items, batch_size=2, generator=torch.Generator().manual_seed(0), bucket=16)
     assert sorted(i for b in batches for i in b) == list(range(32))
     assert all(len(b) == 2 for b in batches)
-    # one window holds all 32 items, so each batch pairs neighbours in length
+    # one window of 16 batches holds all 32 items, so each batch pairs neighbours in length
     assert all(abs(lengths[a] - lengths[b]) == 1 for a, b in batches)
-    again = bucketed_batches(items, batch_size=2, generator=torch.Generator().manual_seed(0))
-    other = bucketed_batches(items, batch_size=2, generator=torch.Generator().manual_seed(1))
+    again = bucketed_batches(items, batch_size=2, generator=torch.Generator().manual_seed(0), bucket=16)
+    other = bucketed_batches(items, batch_size=2, generator=torch.Generator().manual_seed(1), bucket=16)
     assert batches == again and batches != other
     assert [lengths[b[0]] for b in batches] != sorted(lengths[b[0]] for b in batches)  # batch order is shuffled
+
+
+def test_small_windows_give_each_seed_other_batches():
+    """With windows smaller than the train set, seeds differ in which examples share a batch."""
+    items = items_of_lengths([5] * 32)
+    pairs = [
+        {frozenset(b) for b in bucketed_batches(items, batch_size=2, generator=torch.Generator().manual_seed(seed), bucket=4)}
+        for seed in (0, 1)
+    ]
+    assert pairs[0] != pairs[1]

@@ -129,11 +129,13 @@ def sorted_chunks(items: list[Encoded], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def bucketed_batches(items: list[Encoded], batch_size: int, generator: torch.Generator, bucket: int = 16) -> list[list[int]]:
+def bucketed_batches(items: list[Encoded], batch_size: int, generator: torch.Generator, bucket: int = 8) -> list[list[int]]:
     """Shuffled training batches with little padding.
 
     The data is shuffled, cut into windows of `bucket` batches, sorted by length inside each window,
-    batched, and the batches shuffled again: random order, similar lengths within a batch.
+    batched, and the batches shuffled again: random order, similar lengths within a batch. The
+    window is kept small (8 batches) so that on a small train set each seed still gets batches of
+    different examples, not only the same batches in another order.
     """
     order = torch.randperm(len(items), generator=generator).tolist()
     window = batch_size * bucket
