@@ -396,8 +396,9 @@ def protocol_html(results: dict) -> str:
         "Evaluation: official SuperGLUE val split" + (f", a seeded random subsample of {v(s['max_eval_examples'])} examples per task" if s.get("max_eval_examples") else " in full") + ".",
     ]
     if s["init"] == "text":
-        items.append("With the text init every seed starts from the same prompt: seeds differ only in the order of the "
-                     "training batches, so the spread over seeds measures sensitivity to data order.")
+        items.append("With the text init every seed starts from the same prompt: seeds differ only in which examples "
+                     "share a batch and in the order of the batches, so the spread over seeds measures sensitivity to "
+                     "data order.")
     if failed:
         items.append(f'<span class="bad">Runs left out (not done): {e(", ".join(failed))}</span>')
     return ("<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul><table><tr><th>task</th><th>train</th><th>dev</th><th>val</th>"
