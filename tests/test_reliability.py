@@ -38,8 +38,7 @@ from softprompt.runs import (
 )
 from softprompt.train import TrainConfig, TrainingDiverged, train
 
-from conftest import FIXTURE_DATA, TINY_CONFIGS
-from softprompt.backbone import model_from_config
+from conftest import FIXTURE_DATA
 
 
 def small_config(**overrides) -> TrainConfig:
@@ -52,13 +51,6 @@ def run_train(backbone, out: Path, **overrides) -> dict:
     return train(small_config(**overrides), out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    backbone = model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0)
-    backbone.model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
@@ -247,10 +239,10 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_bac
     assert not is_done(out)
 
 
-def test_cli_exits_3_on_divergence(tmp_path, model_dir, monkeypatch):
+def test_cli_exits_3_on_divergence(tmp_path, tiny_model_dir, monkeypatch):
     nan_loss_at(monkeypatch, 2)
     out = tmp_path / "run"
-    args = ["train", "--task", "cb", "--model", str(model_dir), "--data-dir", str(FIXTURE_DATA), "--min-dev-examples", "4",
+    args = ["train", "--task", "cb", "--model", str(tiny_model_dir), "--data-dir", str(FIXTURE_DATA), "--min-dev-examples", "4",
             "--batch-size", "4", "--num-tokens", "4", "--max-length", "64", "--device", "cpu", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 3, result.output
@@ -303,7 +295,7 @@ def test_read_only_folder_names_the_path(prompt_file):
     assert prompt_file.read_bytes() == before
 
 
-def test_disk_full_during_training_keeps_the_last_checkpoint(tmp_path, model_dir, monkeypatch):
+def test_disk_full_during_training_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     out = tmp_path / "run"
     real_replace = os.replace
     checkpoints = {"n": 0}
@@ -316,7 +308,7 @@ def test_disk_full_during_training_keeps_the_last_checkpoint(tmp_path, model_dir
         return real_replace(src, dst)
 
     monkeypatch.setattr(runs.os, "replace", replace)
-    args = ["train", "--task", "cb", "--model", str(model_dir), "--data-dir", str(FIXTURE_DATA), "--min-dev-examples", "4",
+    args = ["train", "--task", "cb", "--model", str(tiny_model_dir), "--data-dir", str(FIXTURE_DATA), "--min-dev-examples", "4",
             "--batch-size", "4", "--num-tokens", "4", "--max-length", "64", "--device", "cpu", "--checkpoint-every", "1", "--epochs", "2",
             "--out", str(out)]
     result = CliRunner().invoke(app, args)
@@ -331,10 +323,10 @@ def test_disk_full_during_training_keeps_the_last_checkpoint(tmp_path, model_dir
     assert is_done(out)
 
 
-def test_unwritable_out_is_reported_before_training(tmp_path, model_dir):
+def test_unwritable_out_is_reported_before_training(tmp_path, tiny_model_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    args = ["train", "--task", "cb", "--model", str(model_dir), "--data-dir", str(FIXTURE_DATA), "--min-dev-examples", "4",
+    args = ["train", "--task", "cb", "--model", str(tiny_model_dir), "--data-dir", str(FIXTURE_DATA), "--min-dev-examples", "4",
             "--device", "cpu", "--out", str(blocker / "run")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
@@ -389,10 +381,10 @@ def test_missing_or_malformed_flags_exit_2(args, message):
     assert result.exit_code == 2 and message in result.output
 
 
-def test_ctrl_c_tells_how_to_resume(tmp_path, model_dir, monkeypatch):
+def test_ctrl_c_tells_how_to_resume(tmp_path, tiny_model_dir, monkeypatch):
     crash_after_forward(monkeypatch, 4)  # KeyboardInterrupt, as Ctrl-C raises it
     out = tmp_path / "run"
-    args = ["train", "--task", "cb", "--model", str(model_dir), "--data-dir", str(FIXTURE_DATA), "--min-dev-examples", "4",
+    args = ["train", "--task", "cb", "--model", str(tiny_model_dir), "--data-dir", str(FIXTURE_DATA), "--min-dev-examples", "4",
             "--batch-size", "4", "--num-tokens", "4", "--max-length", "64", "--device", "cpu", "--epochs", "1",
             "--checkpoint-every", "1", "--out", str(out)]
     result = CliRunner().invoke(app, args)

@@ -25,34 +25,25 @@ from softprompt.cli import app
 from softprompt.runs import CHECKPOINT_FILE, PROMPT_FILE, RUN_FILE, CheckpointError, load_checkpoint, load_prompt, read_run
 from softprompt.train import TrainConfig, train
 
-from conftest import FIXTURE_DATA, TINY_CONFIGS
-from softprompt.backbone import model_from_config
+from conftest import FIXTURE_DATA
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 STEPS_PER_EPOCH = 5
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny random Llama and SmolLM2's tokenizer, saved as an ordinary HF folder for `--model`."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    backbone = model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0)
-    backbone.model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
-def cli_args(model_dir: Path, **overrides) -> list[str]:
+def cli_args(tiny_model_dir: Path, **overrides) -> list[str]:
     options = dict(
-        task="cb", model=str(model_dir), data_dir=str(FIXTURE_DATA), min_dev_examples=4, batch_size=4, epochs=3,
+        task="cb", model=str(tiny_model_dir), data_dir=str(FIXTURE_DATA), min_dev_examples=4, batch_size=4, epochs=3,
         patience=5, num_tokens=4, max_length=64, lr=0.3, device="cpu", checkpoint_every=1,
     )
     options.update(overrides)
     return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
-def config_for(model_dir: Path, **overrides) -> TrainConfig:
-    fields = dict(task="cb", model=str(model_dir), min_dev_examples=4, batch_size=4, epochs=3, patience=5, num_tokens=4,
+def config_for(tiny_model_dir: Path, **overrides) -> TrainConfig:
+    fields = dict(task="cb", model=str(tiny_model_dir), min_dev_examples=4, batch_size=4, epochs=3, patience=5, num_tokens=4,
                   max_length=64, lr=0.3, device="cpu", checkpoint_every=1)
     return TrainConfig(**{**fields, **overrides})
 
@@ -62,17 +53,17 @@ def run_cli(*args: str):
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir, tmp_path_factory) -> Path:
+def reference(tiny_model_dir, tmp_path_factory) -> Path:
     """An uninterrupted run, seed 0, through the CLI in this process."""
     out = tmp_path_factory.mktemp("reference")
-    result = run_cli(*cli_args(model_dir), "--out", str(out))
+    result = run_cli(*cli_args(tiny_model_dir), "--out", str(out))
     assert result.exit_code == 0, result.output
     return out
 
 
 @pytest.fixture(scope="module")
-def backbone(model_dir):
-    return load_backbone(str(model_dir), "cpu")
+def backbone(tiny_model_dir):
+    return load_backbone(str(tiny_model_dir), "cpu")
 
 
 def final_prompt(run_dir: Path) -> torch.Tensor:
@@ -83,9 +74,9 @@ def deterministic_history(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in read_run(run_dir)["history"]]
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(model_dir, reference, tmp_path):
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_model_dir, reference, tmp_path):
     out = tmp_path / "run"
-    args = ["-m", "softprompt.cli", "train", *cli_args(model_dir), "--out", str(out)]
+    args = ["-m", "softprompt.cli", "train", *cli_args(tiny_model_dir), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     log = tmp_path / "child.log"
     with open(log, "wb") as sink:
@@ -141,8 +132,8 @@ def crash_on_forward(monkeypatch, n: int) -> None:
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2], ids=["accum1", "accum2"])
-def test_resume_in_process_after_crash_matches_uninterrupted(model_dir, backbone, reference, tmp_path, monkeypatch, grad_accum):
-    config = config_for(model_dir, checkpoint_every=2, grad_accum=grad_accum)
+def test_resume_in_process_after_crash_matches_uninterrupted(tiny_model_dir, backbone, reference, tmp_path, monkeypatch, grad_accum):
+    config = config_for(tiny_model_dir, checkpoint_every=2, grad_accum=grad_accum)
     uninterrupted = reference  # checkpointing every step there, every 2 here: the schedule changes nothing
     if grad_accum != 1:
         uninterrupted = tmp_path / "uninterrupted"
@@ -160,7 +151,7 @@ def test_resume_in_process_after_crash_matches_uninterrupted(model_dir, backbone
     assert deterministic_history(out) == deterministic_history(uninterrupted)
 
 
-def test_checkpoint_holds_optimizer_rng_and_early_stopping_state(model_dir, backbone, reference, tmp_path, monkeypatch):
+def test_checkpoint_holds_optimizer_rng_and_early_stopping_state(tiny_model_dir, backbone, reference, tmp_path, monkeypatch):
     # A finished run deletes its checkpoint: crash after the last epoch's checkpoint, before the final scoring.
     def crash(*_):
         raise Crash("crash after the last epoch")
@@ -169,7 +160,7 @@ def test_checkpoint_holds_optimizer_rng_and_early_stopping_state(model_dir, back
     with monkeypatch.context() as m:
         m.setattr(train_module, "load_prompt", crash)  # train calls it only to score the best prompt at the end
         with pytest.raises(Crash):
-            train(config_for(model_dir), out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
+            train(config_for(tiny_model_dir), out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
     tensors, state = load_checkpoint(out / CHECKPOINT_FILE)
     assert {"prompt", "optimizer.exp_avg", "optimizer.exp_avg_sq", "optimizer.step", "rng.data_order", "rng.torch_cpu"} <= set(tensors)
     assert state["epoch"] == 3 and state["batch"] == 0 and state["step"] == 3 * STEPS_PER_EPOCH
@@ -178,16 +169,16 @@ def test_checkpoint_holds_optimizer_rng_and_early_stopping_state(model_dir, back
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
 
     # resuming it only scores the best prompt; then the folder holds exactly what an uninterrupted run leaves
-    train(config_for(model_dir), out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False, resume=True)
+    train(config_for(tiny_model_dir), out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False, resume=True)
     assert read_run(out)["status"] == "done" and read_run(out)["resumed_at_step"] == [3 * STEPS_PER_EPOCH]
     assert torch.equal(final_prompt(out), final_prompt(reference))
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir()) == [PROMPT_FILE, RUN_FILE]
 
 
-def test_same_seed_is_bit_identical_and_another_seed_differs(model_dir, backbone, reference, tmp_path):
+def test_same_seed_is_bit_identical_and_another_seed_differs(tiny_model_dir, backbone, reference, tmp_path):
     again, other = tmp_path / "again", tmp_path / "other"
-    train(config_for(model_dir), again, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
-    train(config_for(model_dir, seed=1), other, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
+    train(config_for(tiny_model_dir), again, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
+    train(config_for(tiny_model_dir, seed=1), other, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
     assert torch.equal(final_prompt(again), final_prompt(reference))
     assert not torch.equal(final_prompt(other), final_prompt(reference))
 
@@ -207,40 +198,42 @@ def test_resume_refuses_a_finished_run(reference):
 
 
 @pytest.fixture
-def crashed_run(model_dir, backbone, tmp_path, monkeypatch) -> Path:
+def crashed_run(tiny_model_dir, backbone, tmp_path, monkeypatch) -> Path:
     out = tmp_path / "crashed"
     with monkeypatch.context() as m:
         crash_on_forward(m, 3)
         with pytest.raises(Crash):
-            train(config_for(model_dir), out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
+            train(config_for(tiny_model_dir), out, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
     return out
 
 
-def test_resume_refuses_another_config(model_dir, backbone, crashed_run):
+def test_resume_refuses_another_config(tiny_model_dir, backbone, crashed_run):
     with pytest.raises(ValueError, match=r"cannot resume .* another config \(--lr 0.3 -> 0.1\)"):
-        train(config_for(model_dir, lr=0.1), crashed_run, backbone=backbone, data_dir=FIXTURE_DATA, resume=True)
+        train(config_for(tiny_model_dir, lr=0.1), crashed_run, backbone=backbone, data_dir=FIXTURE_DATA, resume=True)
     result = run_cli("--resume", str(crashed_run), "--num-tokens", "8")
     assert result.exit_code == 2 and "--num-tokens 4 -> 8" in result.output
 
 
-def test_resume_refuses_changed_data(model_dir, backbone, crashed_run, tmp_path):
+def test_resume_refuses_changed_data(tiny_model_dir, backbone, crashed_run, tmp_path):
     data = tmp_path / "data"
     (data / "CB").mkdir(parents=True)
     for split in ("train", "val"):
         lines = (FIXTURE_DATA / "CB" / f"{split}.jsonl").read_text().splitlines()
         (data / "CB" / f"{split}.jsonl").write_text("\n".join(lines[:-1] if split == "train" else lines) + "\n")
     with pytest.raises(ValueError, match=r"the train data in .* changed since the run started"):
-        train(config_for(model_dir), crashed_run, backbone=backbone, data_dir=data, resume=True)
+        train(config_for(tiny_model_dir), crashed_run, backbone=backbone, data_dir=data, resume=True)
 
 
-def test_fresh_train_refuses_to_overwrite_a_run(model_dir, backbone, crashed_run):
+def test_fresh_train_refuses_to_overwrite_a_run(tiny_model_dir, backbone, crashed_run):
     before = (crashed_run / RUN_FILE).read_bytes()
     with pytest.raises(ValueError, match=r"already holds a run; continue it with `softprompt train --resume"):
-        train(config_for(model_dir), crashed_run, backbone=backbone, data_dir=FIXTURE_DATA)
+        train(config_for(tiny_model_dir), crashed_run, backbone=backbone, data_dir=FIXTURE_DATA)
     assert (crashed_run / RUN_FILE).read_bytes() == before
 
 
-def test_resume_may_change_checkpoint_every(model_dir, crashed_run):
+def test_resume_may_change_checkpoint_every(tiny_model_dir, crashed_run, tmp_path, monkeypatch):
+    # $SOFTPROMPT_DATA_DIR pointing elsewhere (as `make test` sets it) must not replace the run's own data
+    monkeypatch.setenv("SOFTPROMPT_DATA_DIR", str(tmp_path))
     result = run_cli("--resume", str(crashed_run), "--checkpoint-every", "100")
     assert result.exit_code == 0, result.output
     assert read_run(crashed_run)["status"] == "done"
@@ -251,9 +244,9 @@ def test_resume_needs_a_run_folder(tmp_path):
     assert result.exit_code == 2 and f"no run.json in {tmp_path}" in result.output
 
 
-def test_checkpoint_of_another_prompt_shape_is_refused(model_dir, backbone, crashed_run):
+def test_checkpoint_of_another_prompt_shape_is_refused(tiny_model_dir, backbone, crashed_run):
     record = json.loads((crashed_run / RUN_FILE).read_text())
     record["config"]["num_tokens"] = 6  # a run.json edited by hand, out of step with its checkpoint
     (crashed_run / RUN_FILE).write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=r"checkpoint.safetensors: prompt of shape \[4, 16\], expected \[6, 16\]"):
-        train(config_for(model_dir, num_tokens=6), crashed_run, backbone=backbone, data_dir=FIXTURE_DATA, resume=True)
+        train(config_for(tiny_model_dir, num_tokens=6), crashed_run, backbone=backbone, data_dir=FIXTURE_DATA, resume=True)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import FIXTURE_DATA, TINY_CONFIGS
-from softprompt.backbone import model_from_config
+from conftest import FIXTURE_DATA
 from softprompt.cli import app
 from softprompt.report import FIGURES, write_report
 from softprompt.study import StudyConfig, run_study
@@ -22,13 +21,6 @@ TABLES = ("accuracy", "ensemble", "stochasticity", "zero_shot", "runs", "similar
           "correlation", "task_distances", "norms", "maps", "nearest_tokens")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    backbone = model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0)
-    backbone.model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def tiny_study(model: Path, **overrides) -> StudyConfig:

@@ -109,7 +109,9 @@ def train_command(ctx: click.Context, out: Path | None, resume: Path | None, dat
         else:
             given = {k: v for k, v in fields.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
             config = dataclasses.replace(config_from_run(resume), **given)
-            data_dir = data_dir or read_run(resume).get("data", {}).get("dir")
+            if ctx.get_parameter_source("data_dir") is not ParameterSource.COMMANDLINE:
+                # a resume reads the data the run started with, not whatever $SOFTPROMPT_DATA_DIR says now
+                data_dir = read_run(resume).get("data", {}).get("dir") or data_dir
         record = train(config, out, data_dir=data_dir, resume=resume is not None)
     except TrainingDiverged as e:
         _fail(str(e), code=3)
@@ -240,6 +242,7 @@ def report_command(study_dir: Path) -> None:
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
 
+
 @app.command("export-peft")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
@@ -266,6 +269,7 @@ def import_peft_command(adapter_dir: Path, run_dir: Path) -> None:
     except (ValueError, OSError) as e:
         _fail(str(e))
     click.echo(f"imported {adapter_dir} -> {path}")
+
 
 def main() -> None:  # pragma: no cover
     app()
