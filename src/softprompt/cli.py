@@ -136,7 +136,7 @@ def _load_soft_prompt(path: Path, hidden_size: int | None = None):
 
 @app.command("evaluate")
 @click.option("--task", required=True, help="SuperGLUE task: cb, rte, copa or wsc.")
-@click.option("--prompt", "prompt_path", type=click.Path(path_type=Path), default=None, help="Run folder or prompt file.")
+@click.option("--prompt", "prompt_path", type=click.Path(path_type=Path), default=None, help="Run folder, prompt file or PEFT adapter folder.")
 @click.option("--no-prompt", is_flag=True, help="Zero-shot: no prompt at all.")
 @click.option("--text-prompt", is_flag=True, help="The task's discrete good-prompt text, as token embeddings.")
 @click.option("--model", default=None, help=f"Backbone (default: the prompt's model, else {DEFAULT_MODEL}).")

@@ -92,7 +92,7 @@ def ensemble_table(results: dict) -> Table:
         if ens:
             rows.append([task, ens["k"], ens["mean"], ens["sd"], ens["best"], ens["majority_vote"], ens["mean_logprob"]])
     columns = ["task", "k prompts", "single: mean", "single: sd", "single: best", "ensemble: majority vote", "ensemble: mean log-prob"]
-    note = ("Lester et al. (2021) Table 3 layout. The k prompts run as one batch; majority vote breaks ties by the "
+    note = ("Lester et al. (2021) Table 3 layout. The k prompts are scored together on each batch (one forward per prompt over the same encoded batch); majority vote breaks ties by the "
             "mean log-probability; accuracy in %.")
     return Table("ensemble", "Prompt ensembling", columns, rows, note)
 

@@ -269,7 +269,7 @@ def cached_scores(
 ) -> dict[str, Scores]:
     """Scores of each named prompt on one task, from the cache where the prompt and items are unchanged.
 
-    Missing soft prompts of equal shape are scored together as one `[K, P, H]` batch.
+    Missing soft prompts of equal shape are scored together in one `score` call (`[K, P, H]`: one forward per prompt on each shared batch).
     """
     items_key = fingerprint(items)
     keys = {

@@ -186,6 +186,7 @@ class Progress:
     best_loss: float | None = None  # best dev loss so far (None: no epoch evaluated yet)
     best_epoch: int = -1
     bad_epochs: int = 0  # epochs since the best dev loss
+    best_dev: dict | None = None  # dev metrics of the best epoch's prompt (the one saved)
     stopped: bool = False  # early stopping or --max-steps ended training
     history: list[dict] = field(default_factory=list)
 
@@ -285,7 +286,8 @@ def train(
 
     best, _ = load_prompt(out_dir / PROMPT_FILE)
     record["best_epoch"] = state.best_epoch
-    record["dev"] = metrics(score(backbone, best.to(device), dev_items, config.eval_batch_size))
+    # the saved prompt was scored on dev when it was best; checkpoints from before best_dev existed rescore it
+    record["dev"] = state.best_dev or metrics(score(backbone, best.to(device), dev_items, config.eval_batch_size))
     record["val"] = metrics(score(backbone, best.to(device), val_items, config.eval_batch_size))
     record["steps"] = state.step
     record["wall_s"] = round(time.time() - started, 1)
@@ -341,7 +343,7 @@ def end_epoch(state: Progress, dev: dict, config: TrainConfig, tokens_per_s: flo
     state.epoch, state.batch, state.epoch_loss = state.epoch + 1, 0, 0.0
     improved = state.best_loss is None or dev["loss"] < state.best_loss
     if improved:
-        state.best_loss, state.best_epoch, state.bad_epochs = dev["loss"], state.epoch, 0
+        state.best_loss, state.best_epoch, state.bad_epochs, state.best_dev = dev["loss"], state.epoch, 0, dev
     else:
         state.bad_epochs += 1
     # patience N: stop after N epochs in a row without a better dev loss (0: at the first one)
