@@ -273,7 +273,7 @@ def bench_scoring(backbone: Backbone, args) -> dict:
     tokenizer, results = backbone.tokenizer, {}
     for task_name in args.score_tasks:
         task = get_task(task_name)
-        examples = load_examples(task, "val", args.data_dir)[: args.score_examples]
+        examples = load_examples(task, "val", args.data_dir)[: args.score_examples]  # None: the whole val split
         items = [encode(tokenizer, e, args.max_length) for e in examples]
         prompt = from_embedded_text(embed_ids(backbone.model, tokenizer(task.init_text, add_special_tokens=False)["input_ids"]), args.num_tokens)
         times: dict[str, list[float]] = {"naive": [], "softprompt": []}
@@ -282,7 +282,7 @@ def bench_scoring(backbone: Backbone, args) -> dict:
             for name in (["naive", "softprompt"] if repeat % 2 == 0 else ["softprompt", "naive"]):
                 start = time.perf_counter()
                 if name == "naive":
-                    logprobs = naive_scores(backbone, prompt, items, args.score_batch_size)
+                    logprobs = naive_scores(backbone, prompt, items, args.naive_batch_size)
                 else:
                     logprobs = score(backbone, prompt, items, args.score_batch_size).logprobs[0]
                 times[name].append(time.perf_counter() - start)
@@ -330,8 +330,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.03)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--score-tasks", nargs="+", default=["copa", "cb"])
-    parser.add_argument("--score-examples", type=int, default=32, help="First N val examples per task.")
-    parser.add_argument("--score-batch-size", type=int, default=16, help="softprompt: examples per forward; naive: rows.")
+    parser.add_argument("--score-examples", type=int, default=None, help="First N val examples per task (default: all).")
+    parser.add_argument("--score-batch-size", type=int, default=32, help="softprompt: most examples per forward (its default).")
+    parser.add_argument("--naive-batch-size", type=int, default=16, help="naive: rows per forward (its fastest here, of 16/32/64).")
     parser.add_argument("--score-repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 keeps timings on a shared machine steadier (0: torch's choice).")
     parser.add_argument("--seed", type=int, default=0)

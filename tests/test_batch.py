@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
-from softprompt.batch import Encoded, bucketed_batches, encode, length_of, score_batch, sorted_chunks, train_batch
+from softprompt.batch import Encoded, bucketed_batches, cheapest_ranges, encode, length_of, score_batch, sorted_chunks, train_batch
 from softprompt.tasks import Example
 
 PAD = 0
@@ -64,16 +66,17 @@ def test_score_batch_single_token_choices_share_one_row():
 def test_score_batch_multi_token_choices():
     items = [Encoded([5, 6], ([8, 9, 4], [3], [8, 9, 7]), 0)]
     batch = score_batch(items, first_index=0, pad_id=PAD)
-    # the context is encoded once; every choice's first token is read at its last position
-    assert batch.input_ids.tolist() == [[5, 6]]
-    assert list(zip(batch.rows.tolist(), batch.positions.tolist())) == [(0, 1), (0, 1), (0, 1)]
-    # each 3-token choice continues the context with its first two tokens and scores the other two
+    # the context is encoded once, followed by the (first) longest choice, scored by teacher forcing;
+    # every other choice's first token is read at the context's last position
+    assert batch.input_ids.tolist() == [[5, 6, 8, 9]]
+    assert list(zip(batch.rows.tolist(), batch.positions.tolist())) == [(0, 1), (0, 2), (0, 3), (0, 1), (0, 1)]
+    # the other 3-token choice continues the context (2 tokens of row 0) and scores its other two
     then = batch.then
-    assert then.input_ids.tolist() == [[8, 9], [8, 9]]
-    assert then.parents.tolist() == [0, 0]
-    assert list(zip(then.rows.tolist(), then.positions.tolist())) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert batch.targets.tolist() == [8, 3, 8, 9, 4, 9, 7]
-    assert batch.segments.tolist() == [0, 1, 2, 0, 0, 2, 2]
+    assert then.input_ids.tolist() == [[8, 9]]
+    assert then.parents.tolist() == [0] and then.contexts.tolist() == [2]
+    assert list(zip(then.rows.tolist(), then.positions.tolist())) == [(0, 0), (0, 1)]
+    assert batch.targets.tolist() == [8, 9, 4, 3, 8, 9, 7]
+    assert batch.segments.tolist() == [0, 0, 0, 1, 2, 2, 2]
 
 
 def test_score_batch_positions_see_exactly_context_and_choice_prefix():
@@ -87,7 +90,7 @@ def test_score_batch_positions_see_exactly_context_and_choice_prefix():
     then = batch.then
     for row, pos in zip(then.rows, then.positions):
         parent = then.parents[row]
-        context = batch.input_ids[parent][batch.attention_mask[parent].bool()].tolist()
+        context = batch.input_ids[parent, : then.contexts[row]].tolist()
         assert then.attention_mask[row, : pos + 1].all()
         inputs.append(context + then.input_ids[row, : pos + 1].tolist())
     seen = {}
@@ -112,9 +115,42 @@ def items_of_lengths(lengths: list[int]) -> list[Encoded]:
 def test_sorted_chunks_cover_every_item_longest_first():
     lengths = [5, 1, 9, 3, 7, 2, 8]
     chunks = sorted_chunks(items_of_lengths(lengths), batch_size=3)
-    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert all(1 <= len(c) <= 3 for c in chunks)
     assert sorted(i for c in chunks for i in c) == list(range(7))
     assert [lengths[i] for c in chunks for i in c] == sorted(lengths, reverse=True)
+
+
+def brute_force_cost(lengths: list[int], max_rows: int | None, pass_cost: float) -> float:
+    """The cheapest cover of `lengths` by contiguous ranges, trying every set of cuts."""
+    n, best = len(lengths), float("inf")
+    for mask in range(2 ** (n - 1)):
+        cuts = [0] + [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+        ranges = list(zip(cuts, cuts[1:]))
+        if max_rows and any(b - a > max_rows for a, b in ranges):
+            continue
+        best = min(best, sum((b - a) * lengths[a] + pass_cost for a, b in ranges))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cheapest_ranges_is_optimal(seed):
+    rng = random.Random(seed)
+    lengths = sorted((rng.randint(1, 60) for _ in range(rng.randint(1, 9))), reverse=True)
+    max_rows = rng.choice([None, 2, 3])
+    pass_cost = rng.choice([0, 5, 48])
+    ranges = cheapest_ranges(lengths, max_rows, pass_cost)
+    assert [a for a, _ in ranges][0] == 0 and all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:]))
+    assert ranges[-1][1] == len(lengths)
+    assert not max_rows or all(b - a <= max_rows for a, b in ranges)
+    cost = sum((b - a) * lengths[a] + pass_cost for a, b in ranges)
+    assert cost == brute_force_cost(lengths, max_rows, pass_cost)
+
+
+def test_cheapest_ranges_trades_padding_against_passes():
+    lengths = [100, 10, 10, 10]
+    assert cheapest_ranges(lengths, pass_cost=0) == [(0, 1), (1, 4)]  # no padding at all
+    assert cheapest_ranges(lengths, pass_cost=1000) == [(0, 4)]  # one pass, 270 tokens of padding
+    assert cheapest_ranges(lengths, max_rows=2, pass_cost=1000) == [(0, 2), (2, 4)]
 
 
 def test_bucketed_batches_are_a_seeded_shuffle_of_similar_lengths():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES
-from softprompt.batch import encode
+from softprompt.batch import Encoded, encode
 from softprompt.evaluate import score
 from softprompt.prompt import logits_at, output_logits, prepend
 from softprompt.tasks import get_task, load_examples
@@ -73,3 +73,27 @@ def test_several_prompts_score_as_each_alone(tiny_backbone, data_dir):
     together = score(tiny_backbone, prompts, items, batch_size=3).logprobs
     alone = torch.stack([score(tiny_backbone, p, items, batch_size=2).logprobs[0] for p in prompts])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tiny_backbone", ARCHITECTURES, indirect=True)
+def test_continuation_groups_match_naive(tiny_backbone, monkeypatch):
+    """Many multi-token choices of different lengths, each length its own continuation pass (no
+    padding allowed), several batches sharing one prompt cache: still the naive numbers."""
+    import softprompt.batch
+
+    exact = softprompt.batch.cheapest_ranges
+    monkeypatch.setattr(softprompt.batch, "cheapest_ranges", lambda lengths, max_rows=None, pass_cost=0: exact(lengths, max_rows, 0))
+    generator = torch.Generator().manual_seed(1)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(5, 49152, (n,), generator=generator).tolist()
+
+    items = [
+        Encoded(ids(n), (ids(a), ids(b), ids(c)), 0)
+        for n, a, b, c in [(3, 6, 2, 5), (7, 4, 6, 3), (1, 3, 3, 1), (5, 1, 1, 6), (2, 2, 4, 3)]
+    ]
+    prompt = torch.randn(4, 16, generator=generator)
+    batch = softprompt.batch.score_batch(items, 0, tiny_backbone.tokenizer.pad_token_id)
+    assert len(batch.then.groups) > 2  # the path under test: several continuation passes
+    scores = score(tiny_backbone, prompt, items, batch_size=2)
+    torch.testing.assert_close(scores.logprobs[0], _naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)

@@ -88,35 +88,72 @@ def train_batch(items: list[Encoded], pad_id: int) -> Batch:
 
 
 def score_batch(items: list[Encoded], first_index: int, pad_id: int) -> Batch:
-    """One row per item's context, plus one continuation row per multi-token choice.
+    """One row per item: its context, then its longest multi-token choice; other multi-token choices continue.
 
-    Every choice's first token is scored at the context's last position; a choice of k > 1 tokens
-    adds a continuation row (its first k-1 tokens, on top of the context's encoding) for the rest.
-    So the context is encoded once per example, and single-token choices cost nothing beyond it.
+    Every choice's first token is scored at the context's last position, so single-token choices
+    cost nothing beyond the context. The longest choice of k > 1 tokens rides along in the item's
+    row (its first k-1 tokens after the context, scored by teacher forcing); every other choice
+    of k > 1 tokens adds a continuation row that attends to the parent row's context only. So the
+    context is encoded once per example. Continuation rows are sorted longest first and run in the
+    groups `cheapest_ranges` picks.
     """
-    contexts, scored, pairs = [], [], []
-    continuations, parents, next_scored = [], [], []
+    rows, scored, pairs = [], [], []
+    continuations = []  # (tokens, parent row, context length, [(position, target, segment)])
     for offset, item in enumerate(items):
-        row = len(contexts)
-        contexts.append(item.context)
+        row, n = len(rows), len(item.context)
+        multi = [c for c, choice in enumerate(item.choices) if len(choice) > 1]
+        inline = max(multi, key=lambda c: len(item.choices[c])) if multi else None
+        rows.append(item.context + (item.choices[inline][:-1] if inline is not None else []))
         for c, choice in enumerate(item.choices):
             segment = len(pairs)
             pairs.append((first_index + offset, c))
-            scored.append((row, len(item.context) - 1, choice[0], segment))
-            if len(choice) > 1:
-                for j, token in enumerate(choice[1:]):
-                    next_scored.append((len(continuations), j, token, segment))
-                continuations.append(choice[:-1])
-                parents.append(row)
-    batch = _build(contexts, scored, pairs, pad_id)
+            scored.append((row, n - 1, choice[0], segment))
+            if c == inline:
+                scored += [(row, n + j, token, segment) for j, token in enumerate(choice[1:])]
+            elif len(choice) > 1:
+                continuations.append((choice[:-1], row, n, [(j, token, segment) for j, token in enumerate(choice[1:])]))
+    batch = _build(rows, scored, pairs, pad_id)
     if not continuations:
         return batch
-    ids, mask = _pad(continuations, pad_id)
-    rows, positions, targets, segments = (torch.tensor(col, dtype=torch.long) for col in zip(*next_scored))
-    batch.then = Continuation(ids, mask, torch.tensor(parents), rows, positions)
+    continuations.sort(key=lambda c: -len(c[0]))
+    next_scored = [(r, j, token, segment) for r, (*_, tokens) in enumerate(continuations) for j, token, segment in tokens]
+    ids, mask = _pad([tokens for tokens, *_ in continuations], pad_id)
+    positions = (torch.tensor(col, dtype=torch.long) for col in zip(*next_scored))
+    cont_rows, cont_positions, targets, segments = positions
+    parents = torch.tensor([parent for _, parent, _, _ in continuations])
+    contexts = torch.tensor([n for _, _, n, _ in continuations])
+    groups = cheapest_ranges([len(tokens) for tokens, *_ in continuations])
+    batch.then = Continuation(ids, mask, parents, contexts, cont_rows, cont_positions, groups)
     batch.targets = torch.cat([batch.targets, targets])
     batch.segments = torch.cat([batch.segments, segments])
     return batch
+
+
+PASS_COST = 48
+"""What one more forward pass costs, in padded tokens: a pass reads every weight of the model once
+(half a GB for SmolLM2-135M in fp32), which on a CPU costs about as much as 48 tokens of compute
+(measured: a pass of 20 tokens takes as long as 65 more tokens in a bigger pass). Batching trades
+padding against passes at this rate."""
+
+
+def cheapest_ranges(lengths: list[int], max_rows: int | None = None, pass_cost: float = PASS_COST) -> list[tuple[int, int]]:
+    """Cut rows sorted longest first into ranges `[start, end)`, one forward pass each.
+
+    Minimises padded tokens (every row padded to its range's first, longest row) plus `pass_cost`
+    per range, with at most `max_rows` rows a range: exact, by dynamic programming over the cuts.
+    """
+    n = len(lengths)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)  # best[i]: cheapest cover of rows [0, i)
+    for end in range(1, n + 1):
+        for start in range(max(0, end - max_rows) if max_rows else 0, end):
+            cost = best[start] + (end - start) * lengths[start] + pass_cost
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    ranges, end = [], n
+    while end > 0:
+        ranges.append((cut[end], end))
+        end = cut[end]
+    return ranges[::-1]
 
 
 def length_of(item: Encoded) -> int:
@@ -124,9 +161,16 @@ def length_of(item: Encoded) -> int:
 
 
 def sorted_chunks(items: list[Encoded], batch_size: int) -> list[list[int]]:
-    """Indices in batches of similar length (longest first), for evaluation."""
+    """Indices in batches of similar row length (longest first), for evaluation.
+
+    A row is `score_batch`'s: the context and the longest choice. At most `batch_size` items a batch;
+    where to cut is `cheapest_ranges`' trade of padding against passes (a batch with continuation
+    rows costs two at least: rows, then continuations).
+    """
     order = sorted(range(len(items)), key=lambda i: -length_of(items[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    continues = any(sum(len(c) > 1 for c in item.choices) > 1 for item in items)
+    ranges = cheapest_ranges([length_of(items[i]) - 1 for i in order], batch_size, (2 if continues else 1) * PASS_COST)
+    return [order[start:end] for start, end in ranges]
 
 
 def bucketed_batches(items: list[Encoded], batch_size: int, generator: torch.Generator, bucket: int = 8) -> list[list[int]]:

@@ -141,7 +141,7 @@ def _load_soft_prompt(path: Path, hidden_size: int | None = None):
 @click.option("--text-prompt", is_flag=True, help="The task's discrete good-prompt text, as token embeddings.")
 @click.option("--model", default=None, help=f"Backbone (default: the prompt's model, else {DEFAULT_MODEL}).")
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Most examples per forward.")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON here.")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from softprompt.backbone import Backbone
 from softprompt.batch import Encoded, score_batch, sorted_chunks
-from softprompt.prompt import logits_at
+from softprompt.prompt import logits_at, prompt_keys_values
 
 
 class PromptMode(str, Enum):
@@ -69,15 +69,16 @@ def score(
     labels = torch.tensor([item.label for item in items])
     answer_tokens = torch.tensor([len(item.choices[item.label]) for item in items])
     pad_id = backbone.tokenizer.pad_token_id
+    caches = [None] * k if prompts is None else [prompt_keys_values(model, prompt) for prompt in prompts]  # once per prompt
     for chunk in tqdm(sorted_chunks(items, batch_size), desc="scoring", disable=not progress, leave=False):
         batch = score_batch([items[i] for i in chunk], 0, pad_id).to(device)
         n = batch.targets.shape[0]
-        # One forward per prompt: logits_at runs a shared [P, H] prompt once and reuses its keys/values for every row.
+        # One forward per prompt, on top of the prompt's keys/values computed once for all batches.
         logits = torch.cat(
             [
                 logits_at(
                     model, None if prompts is None else prompts[j], batch.input_ids, batch.attention_mask,
-                    batch.rows, batch.positions, batch.then,
+                    batch.rows, batch.positions, batch.then, caches[j],
                 )
                 for j in range(k)
             ]

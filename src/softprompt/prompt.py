@@ -6,7 +6,8 @@ Initialisers are plain functions (tensors in, `[P, H]` out); callers embed token
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -97,18 +98,48 @@ def output_logits(model: PreTrainedModel, hidden: Tensor) -> Tensor:
 class Continuation:
     """Rows that continue rows of a first input: one encoding of a shared context, several continuations.
 
-    Continuation row `r` carries on from first-input row `parents[r]` (its prompt, tokens and padding),
-    so an example's context is encoded once for all its multi-token choices.
+    Continuation row `r` carries on from the first `contexts[r]` tokens of first-input row
+    `parents[r]` (and its prompt), so an example's context is encoded once for all its multi-token
+    choices; the parent row's later tokens (another choice, padding) are masked out. The rows run in
+    `groups` (row ranges `[start, end)`, each padded only to its own longest row), so that rows of
+    very different lengths do not pad each other; one group `[(0, R)]` by default.
     """
 
     input_ids: Tensor  # [R, K] right-padded
     attention_mask: Tensor  # [R, K]
     parents: Tensor  # [R] row of the first input each row continues
+    contexts: Tensor  # [R] tokens of the parent row it continues (the rest is hidden from it)
     rows: Tensor  # [M] continuation row of each scored position
     positions: Tensor  # [M] position in input_ids
+    groups: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            self.groups = [(0, self.input_ids.shape[0])]
 
     def to(self, device: torch.device) -> Continuation:
-        return Continuation(*(t.to(device) for t in vars(self).values()))
+        tensors = (self.input_ids, self.attention_mask, self.parents, self.contexts, self.rows, self.positions)
+        return Continuation(*(t.to(device) for t in tensors), groups=self.groups)
+
+
+def _cache_rows(cache, index: Tensor):
+    """A cache of rows `index` of `cache`, which stays as it is (its layers are shallow-copied first)."""
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.batch_select_indices(index)
+    return selected
+
+
+def prompt_keys_values(model: PreTrainedModel, prompt: Tensor):
+    """The cache of a prompt run alone: `[P, H]` at batch 1 (or `[B, P, H]`), what `logits_at` puts before the rows.
+
+    Scoring computes it once per prompt and hands it to every `logits_at` call; training lets
+    `logits_at` compute it, since the prompt changes every step.
+    """
+    prompts = prompt.unsqueeze(0) if prompt.dim() == 2 else prompt  # [1 or B, P, H]
+    embedding = model.get_input_embeddings().weight
+    prompts = prompts.to(device=embedding.device, dtype=embedding.dtype)
+    return model.base_model(inputs_embeds=prompts, use_cache=True).past_key_values
 
 
 def logits_at(
@@ -119,6 +150,7 @@ def logits_at(
     rows: Tensor,
     positions: Tensor,
     then: Continuation | None = None,
+    prompt_cache=None,
 ) -> Tensor:
     """The one forward-with-prompt: logits only where a loss or a score needs them.
 
@@ -134,6 +166,8 @@ def logits_at(
         input_ids, attention_mask: `[B, T]`, right-padded.
         rows, positions: `[N]` each.
         then: continuation rows, or None.
+        prompt_cache: `prompt_keys_values(model, prompt)` of a `[P, H]` prompt, computed beforehand
+            and left unchanged here (scoring reuses it for every batch); None computes it.
 
     Returns:
         logits `[N, V]` in fp32 (`[N + M, V]` with `then`: the continuation positions last).
@@ -141,26 +175,27 @@ def logits_at(
     inputs_embeds = model.get_input_embeddings()(input_ids)  # [B, T, H]
     cache, mask = None, attention_mask
     if prompt is not None:
-        prompts = prompt.unsqueeze(0) if prompt.dim() == 2 else prompt  # [1 or B, P, H]
-        prompts = prompts.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
-        cache = model.base_model(inputs_embeds=prompts, use_cache=True).past_key_values
-        if prompts.shape[0] != input_ids.shape[0]:
-            cache.batch_repeat_interleave(input_ids.shape[0])  # [1, heads, P, d] -> [B, heads, P, d] per layer
+        cache = prompt_keys_values(model, prompt) if prompt_cache is None else prompt_cache
+        if prompt.dim() == 2:  # [1, heads, P, d] -> [B, heads, P, d] per layer, in a new cache
+            cache = _cache_rows(cache, input_ids.new_zeros(input_ids.shape[0]))
         _, mask = prepend(prompt, inputs_embeds[:, :0], attention_mask)  # [B, P+T]
     use_cache = cache is not None or then is not None
     out = model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask, past_key_values=cache, use_cache=use_cache)
     selected = out.last_hidden_state[rows, positions]  # [N, H]
     if then is not None:
-        cache = out.past_key_values
-        cache.batch_select_indices(then.parents)  # [R, heads, P+T, d] per layer
-        start = mask.sum(1)[then.parents]  # [R] the first free position of each parent row
-        steps = torch.arange(then.input_ids.shape[1], device=start.device)
-        hidden = model.base_model(
-            inputs_embeds=model.get_input_embeddings()(then.input_ids),
-            attention_mask=torch.cat([mask[then.parents], then.attention_mask], dim=1),  # [R, P+T+K]
-            position_ids=start[:, None] + steps,  # parents' padding sits mid-row, so positions are given
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state  # [R, K, H]
+        num_prompt = mask.shape[1] - input_ids.shape[1]
+        hidden = selected.new_zeros(*then.input_ids.shape, selected.shape[-1])  # [R, K, H]
+        for begin, end in then.groups:
+            parents, contexts = then.parents[begin:end], then.contexts[begin:end, None]  # [r], [r, 1]
+            width = int(then.attention_mask[begin:end].sum(1).max())
+            steps = torch.arange(width, device=input_ids.device)
+            seen = (torch.arange(input_ids.shape[1], device=input_ids.device) < contexts).long()  # [r, T]
+            hidden[begin:end, :width] = model.base_model(
+                inputs_embeds=model.get_input_embeddings()(then.input_ids[begin:end, :width]),
+                attention_mask=torch.cat([mask[parents, :num_prompt], seen, then.attention_mask[begin:end, :width]], dim=1),
+                position_ids=num_prompt + contexts + steps,  # the parent's later tokens sit mid-row, so positions are given
+                past_key_values=_cache_rows(out.past_key_values, parents),  # [r, heads, P+T, d] per layer
+                use_cache=True,
+            ).last_hidden_state  # [r, width, H]
         selected = torch.cat([selected, hidden[then.rows, then.positions]])
     return output_logits(model, selected)  # [N(+M), V]

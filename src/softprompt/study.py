@@ -46,6 +46,7 @@ from softprompt.train import TrainConfig, TrainingDiverged, train
 RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
 PER_RUN_KEYS = ("task", "seed")  # set by the study for each run, not in the config file
+RESULT_NEUTRAL_KEYS = ("device", "eval_batch_size")  # a finished run with other values still counts as the same run
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN_KEYS)
 
 
@@ -214,7 +215,7 @@ def train_all(
 def _check_same_config(run_dir: Path, config: TrainConfig) -> None:
     saved = read_run(run_dir).get("config", {})
     wanted = config.to_json()
-    differ = sorted(k for k in wanted if k != "device" and saved.get(k) != wanted[k])
+    differ = sorted(k for k in wanted if k not in RESULT_NEUTRAL_KEYS and saved.get(k) != wanted[k])
     if differ:
         detail = ", ".join(f"{k}: run {saved.get(k)!r} vs study {wanted[k]!r}" for k in differ)
         raise ValueError(

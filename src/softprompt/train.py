@@ -86,7 +86,7 @@ class TrainConfig:
     early_stop_on: EarlyStopSplit = field(default=EarlyStopSplit.DEV, metadata=_help("Split for early stopping."))
     max_length: int = field(default=256, metadata=_help("Longest input in tokens; longer contexts lose their start."))
     max_grad_norm: float | None = field(default=None, metadata=_help("Clip the prompt gradient to this norm."))
-    eval_batch_size: int = field(default=16, metadata=_help("Examples per forward when scoring."))
+    eval_batch_size: int = field(default=32, metadata=_help("Most examples per forward when scoring."))
     seed: int = field(default=0, metadata=_help("Seed for init, data order and everything else random in training."))
     data_seed: int = field(default=0, metadata=_help("Seed for the dev split and train subsample (fixed across seeds)."))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
