@@ -151,13 +151,35 @@ def test_paper_config_is_the_paper_protocol():
         ({"task": "cb"}, r"unknown key\(s\) \['task'\]"),
         ({"transfer_seed": 7}, "`transfer_seed` = 7 is not one of `seeds`"),
         ({"seeds": [0, True]}, "key `seeds` must be tuple"),
+        ({"per_task": {"copa": {"lr": 0.1}}}, r"\[per_task.copa\] names a task that is not in `tasks`"),
+        ({"per_task": {"rte": {"num_tokens": 10}}}, r"\[per_task.rte\] cannot set \['num_tokens'\]"),
+        ({"per_task": {"rte": {"lr": "fast"}}}, r"\[per_task.rte\]: key `lr` must be float"),
+        ({"per_task": {"rte": {"init": "glove"}}}, r"\[per_task.rte\]: `init` must be one of text, class-labels, vocab, random, got 'glove'"),
+        ({"per_task": {"rte": 3}}, "`per_task` must be tables"),
     ],
-    ids=["no-tasks", "bad-task", "dup-seeds", "lr-type", "lr-value", "unknown-key", "per-run-key", "transfer-seed", "bool-seed"],
+    ids=["no-tasks", "bad-task", "dup-seeds", "lr-type", "lr-value", "unknown-key", "per-run-key", "transfer-seed", "bool-seed",
+         "per-task-task", "per-task-shared-key", "per-task-type", "per-task-value", "per-task-table"],
 )
 def test_study_config_errors_name_the_key(change, message):
     data = dict(tasks=["cb", "rte"], seeds=[0, 1]) | change
     with pytest.raises(ValueError, match=message):
         StudyConfig.from_dict(data)
+
+
+def test_per_task_keys_override_the_shared_ones_for_that_task_only(tmp_path):
+    config = tmp_path / "study.toml"
+    config.write_text('tasks = ["cb", "rte"]\nseeds = [0]\nlr = 0.03\ninit = "text"\n\n[per_task.rte]\ninit = "class-labels"\nlr = 0.1\n')
+    study = StudyConfig.from_toml(config)
+    cb, rte = study.train_config("cb", 0), study.train_config("rte", 0)
+    assert (cb.init.value, cb.lr, rte.init.value, rte.lr) == ("text", 0.03, "class-labels", 0.1)
+    saved = study.to_json()
+    assert (saved["init"], saved["lr"], saved["per_task"]) == ("text", 0.03, {"rte": {"init": "class-labels", "lr": 0.1}})
+
+
+def test_done_run_with_other_eval_batch_size_still_counts(study_dir, tiny_model_dir):
+    lines: list[str] = []
+    run_study(tiny_study(tiny_model_dir, eval_batch_size=3), study_dir, data_dir=FIXTURE_DATA, progress=False, echo=lines.append)
+    assert "run 1/4: cb seed 0 (done, skipped)" in lines
 
 
 def test_missing_key_is_named():

@@ -393,6 +393,8 @@ def protocol_html(results: dict) -> str:
         f"Train subsample: {v(s['max_train_examples']) if s.get('max_train_examples') else 'none (all of train)'}; data seed {v(s['data_seed'])}.",
         f"Seeds: {e(', '.join(map(str, s['seeds'])))} ({len(s['seeds'])} runs per task); transfer and similarity use seed "
         f"{v(results['protocol']['representative_seed'])}'s prompt for each task.",
+        *[f"For {e(task.upper())} only: " + ", ".join(f"{e(k)} = {v(val)}" for k, val in keys.items()) + "."
+          for task, keys in s.get("per_task", {}).items()],
         "Evaluation: official SuperGLUE val split" + (f", a seeded random subsample of {v(s['max_eval_examples'])} examples per task" if s.get("max_eval_examples") else " in full") + ".",
     ]
     if s["init"] == "text":

@@ -46,8 +46,10 @@ from softprompt.train import TrainConfig, TrainingDiverged, train
 RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
 PER_RUN_KEYS = ("task", "seed")  # set by the study for each run, not in the config file
+SHARED_KEYS = ("model", "num_tokens", "device")  # one backbone, prompts of one shape: never set per task
 RESULT_NEUTRAL_KEYS = ("device", "eval_batch_size")  # a finished run with other values still counts as the same run
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN_KEYS)
+PER_TASK_KEYS = tuple(k for k in TRAIN_KEYS if k not in SHARED_KEYS)
 
 
 def _help(text: str) -> dict:
@@ -59,12 +61,17 @@ class StudyConfig:
     """A study: the grid tasks x seeds, the TrainConfig fields shared by every run, and evaluation choices.
 
     In TOML every key sits at the top level: the study's own keys below, plus any TrainConfig field
-    except `task` and `seed` (`model`, `num_tokens`, `init`, `lr`, `epochs`, `patience`, ...).
+    except `task` and `seed` (`model`, `num_tokens`, `init`, `lr`, `epochs`, `patience`, ...). A
+    table `[per_task.<task>]` overrides training keys for one task (`init = "class-labels"`), all
+    but the ones that must be shared for prompts to be compared: `model`, `num_tokens`, `device`.
     """
 
     tasks: tuple[str, ...] = field(metadata=_help("Tasks to train, e.g. [\"cb\", \"rte\", \"copa\", \"wsc\"]."))
     seeds: tuple[int, ...] = field(metadata=_help("Training seeds; one run per (task, seed)."))
     train: dict[str, Any] = field(default_factory=dict, metadata=_help("TrainConfig fields shared by every run."))
+    per_task: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata=_help("Training keys for one task, overriding the shared ones: [per_task.rte] init = ...")
+    )
     transfer_seed: int | None = field(
         default=None, metadata=_help("Whose prompt stands for a task in transfer and similarity (default: the first seed).")
     )
@@ -94,10 +101,18 @@ class StudyConfig:
         unknown = sorted(set(self.train) - set(TRAIN_KEYS))
         if unknown:
             raise ValueError(f"unknown training key(s) {unknown}; valid keys: {', '.join(TRAIN_KEYS)}")
-        try:
-            self.train_config(self.tasks[0], self.seeds[0])
-        except ValueError as e:  # TrainConfig names the CLI flag (--lr); name the TOML key (lr) instead
-            raise ValueError("study config: " + re.sub(r"--([a-z-]+)", lambda m: f"`{m.group(1).replace('-', '_')}`", str(e))) from None
+        for task, overrides in self.per_task.items():
+            if task not in self.tasks:
+                raise ValueError(f"[per_task.{task}] names a task that is not in `tasks` {list(self.tasks)}")
+            bad = sorted(set(overrides) - set(PER_TASK_KEYS))
+            if bad:
+                raise ValueError(f"[per_task.{task}] cannot set {bad}; per-task keys: {', '.join(PER_TASK_KEYS)}")
+        for task in self.tasks:
+            try:
+                self.train_config(task, self.seeds[0])
+            except ValueError as e:  # TrainConfig names the CLI flag (--lr); name the TOML key (lr) instead
+                where = f"[per_task.{task}]: " if task in self.per_task else ""
+                raise ValueError(where + re.sub(r"--([a-z-]+)", lambda m: f"`{m.group(1).replace('-', '_')}`", str(e))) from None
 
     @property
     def model(self) -> str:
@@ -108,13 +123,17 @@ class StudyConfig:
         return self.seeds[0] if self.transfer_seed is None else self.transfer_seed
 
     def train_config(self, task: str, seed: int) -> TrainConfig:
-        return TrainConfig(task=task, seed=seed, **self.train)
+        return TrainConfig(task=task, seed=seed, **{**self.train, **self.per_task.get(task, {})})
 
     def to_json(self) -> dict:
         study = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
         study.update(tasks=list(self.tasks), seeds=list(self.seeds))
-        resolved = self.train_config(self.tasks[0], self.seeds[0]).to_json()
-        return {**study, **{k: resolved[k] for k in TRAIN_KEYS}}
+        study["per_task"] = {
+            task: {k: v for k, v in self.train_config(task, self.seeds[0]).to_json().items() if k in overrides}
+            for task, overrides in self.per_task.items()
+        }
+        shared = TrainConfig(task=self.tasks[0], seed=self.seeds[0], **self.train).to_json()
+        return {**study, **{k: shared[k] for k in TRAIN_KEYS}}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "study config") -> StudyConfig:
@@ -123,7 +142,11 @@ class StudyConfig:
         Raises:
             ValueError: unknown key, wrong type or invalid value; the message names the key and `source`.
         """
-        own = {f.name for f in dataclasses.fields(cls)} - {"train"}
+        own = {f.name for f in dataclasses.fields(cls)} - {"train", "per_task"}
+        data = dict(data)
+        per_task = data.pop("per_task", {})
+        if not isinstance(per_task, dict) or not all(isinstance(t, dict) for t in per_task.values()):
+            raise ValueError(f"{source}: `per_task` must be tables like [per_task.rte], got {per_task!r}")
         unknown = sorted(set(data) - own - set(TRAIN_KEYS))
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(own | set(TRAIN_KEYS)))}")
@@ -133,9 +156,13 @@ class StudyConfig:
         hints = typing.get_type_hints(cls) | typing.get_type_hints(TrainConfig)
         for key, value in data.items():
             _check_type(key, value, hints[key], source)
+        for task, overrides in per_task.items():
+            for key, value in overrides.items():
+                if key in hints and key in TRAIN_KEYS:
+                    _check_type(key, value, hints[key], f"{source} [per_task.{task}]")
         kwargs = {k: v for k, v in data.items() if k in own}
         try:
-            return cls(**kwargs, train={k: v for k, v in data.items() if k in TRAIN_KEYS})
+            return cls(**kwargs, train={k: v for k, v in data.items() if k in TRAIN_KEYS}, per_task=per_task)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -388,7 +415,7 @@ def _representative(config: StudyConfig, task: str, seeds: list[int]) -> str | N
 
 def _text_prompt(backbone: Backbone, config: StudyConfig, task: str) -> Tensor:
     """The task's good-prompt text as token embeddings (as `softprompt evaluate --text-prompt`)."""
-    text = config.train.get("init_text") or get_task(task).init_text
+    text = config.train_config(task, config.seeds[0]).init_text or get_task(task).init_text
     return embed_ids(backbone.model, backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -96,8 +96,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         get_task(self.task)  # raises with the valid names
-        object.__setattr__(self, "init", InitMethod(self.init))
-        object.__setattr__(self, "early_stop_on", EarlyStopSplit(self.early_stop_on))
+        for name, kind in (("init", InitMethod), ("early_stop_on", EarlyStopSplit)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                valid = ", ".join(m.value for m in kind)
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {valid}, got {getattr(self, name)!r}") from None
         positive = ("num_tokens", "batch_size", "grad_accum", "epochs", "max_length", "eval_batch_size", "min_dev_examples")
         for name in positive:
             if getattr(self, name) < 1:
