@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/superglue),../shared/data/superglue,data/superglue)
 export SOFTPROMPT_DATA_DIR := $(abspath $(DATA_DIR))
 
-.PHONY: setup demo test bench clean
+.PHONY: browser setup demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,8 +23,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/softprompt study studies/quick.toml --out runs/quick
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
+
+# Headless Chromium (Debian's package) for the test that looks at the report in a real browser.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; } || \
+		echo "could not install chromium (needs root and Debian's packages); the browser test will be skipped"
 
 bench: setup
 	$(PY) bench/bench_peft.py --out bench/results.json

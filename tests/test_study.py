@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import matplotlib.image
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -108,6 +112,32 @@ def test_half_written_run_is_resumed(study_dir, tiny_model_dir):
 def test_done_run_with_other_config_is_refused(study_dir, tiny_model_dir):
     with pytest.raises(ValueError, match=r"different config \(lr: run 0.05 vs study 0.1\)"):
         run_study(tiny_study(tiny_model_dir, lr=0.1), study_dir, data_dir=FIXTURE_DATA, progress=False, echo=lambda _: None)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def colourful_pixels(html: Path, shot: Path) -> int:
+    """Render `html` in headless Chromium and count the pixels of clear colour (figures, not text)."""
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,9000",
+               f"--screenshot={shot}", html.as_uri()]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    rgb = matplotlib.image.imread(shot)[..., :3]
+    return int(((rgb.max(-1) - rgb.min(-1)) > 0.25).sum())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium (`make browser` installs Debian's package)")
+def test_report_renders_its_figures_in_a_browser(study_dir, tmp_path):
+    """A real browser draws every embedded figure: the page has far more colour than the same page with
+    its images broken (which is what a bad data URI or a missing file looks like)."""
+    html = (study_dir / "report.html").read_text()
+    broken = tmp_path / "broken.html"
+    broken.write_text(re.sub(r'src="data:image/png;base64,[^"]+"', 'src="data:image/png;base64,AAAA"', html))
+    intact = tmp_path / "report.html"
+    intact.write_text(html)
+    drawn, missing = colourful_pixels(intact, tmp_path / "intact.png"), colourful_pixels(broken, tmp_path / "broken.png")
+    assert html.count('src="data:image/png;base64,') == len(FIGURES)
+    assert drawn > 5 * missing and drawn > 100_000, (drawn, missing)
 
 
 def test_report_command_rebuilds_from_files(study_dir):
