@@ -210,3 +210,17 @@ def test_config_round_trips_through_json():
     config = TrainConfig(task="wsc", init="class-labels", early_stop_on="val", max_steps=3)
     assert TrainConfig(**json.loads(json.dumps(config.to_json()))) == config
     assert set(config.to_json()) == {f.name for f in fields(TrainConfig)}
+
+
+@pytest.mark.parametrize("init", ["class-labels", "vocab", "text", "random"])
+def test_run_records_the_token_each_row_started_on(tiny_backbone, data_dir, tmp_path, init):
+    record = run_tiny(tiny_backbone, tmp_path / "run", data_dir, init=init, max_steps=1, lr=1e-9)
+    if init == "random":
+        assert record["init_ids"] is None
+        return
+    start = initial_prompt(tiny_backbone, TASKS["cb"], tiny_config(init=init), torch.Generator().manual_seed(0))
+    table = tiny_backbone.model.get_input_embeddings().weight
+    assert [torch.equal(table[i], row) for i, row in zip(record["init_ids"], start)] == [True] * start.shape[0]
+    if init == "class-labels":  # the verbalizers come first
+        labels = [tiny_backbone.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in TASKS["cb"].label_words]
+        assert record["init_ids"][: len(labels)] == labels

@@ -149,7 +149,10 @@ def read_rows(cosines: Tensor, token_ids: Tensor, tokenizer: PreTrainedTokenizer
 
 
 def run_init_ids(record: dict, tokenizer: PreTrainedTokenizerBase, num_tokens: int) -> list[int] | None:
-    """The init token ids of a run trained with `init = text`, else None (no token to persist)."""
+    """The token each prompt row started on (run.json's `init_ids`; runs from before it was recorded:
+    the text init's tokens), or None for a random init (no token to persist)."""
+    if "init_ids" in record:
+        return record["init_ids"]
     config = record.get("config", {})
     if config.get("init", InitMethod.TEXT.value) != InitMethod.TEXT.value:
         return None

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from softprompt.backbone import DEFAULT_MODEL, Backbone, load_backbone
 from softprompt.batch import Batch, Encoded, bucketed_batches, encode, train_batch
 from softprompt.evaluate import metrics, score
+from softprompt.interpret import nearest_tokens_in_model
 from softprompt.prompt import (
     InitMethod,
     embed_ids,
@@ -235,6 +236,8 @@ def train(
     val_items = [encode(tokenizer, e, config.max_length) for e in splits.val]
 
     prompt = torch.nn.Parameter(initial_prompt(backbone, task, config, generator).to(device))
+    # Every init but random starts each row on a token's embedding: which one is what "persisted" is measured against.
+    init_ids = None if config.init is InitMethod.RANDOM else nearest_tokens_in_model(backbone.model, prompt.detach(), 1)[1][:, 0].tolist()
     optimizer = torch.optim.AdamW([prompt], lr=config.lr, weight_decay=config.weight_decay)
     header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed)}
     checkpoint = out_dir / CHECKPOINT_FILE
@@ -245,6 +248,7 @@ def train(
         "task": task.name,
         "model": backbone.name,
         "config": config.to_json(),
+        "init_ids": init_ids,
         "data": data,
         "provenance": provenance(),
         "resumed_at_step": [*read_run(out_dir).get("resumed_at_step", []), state.step] if resume else [],
