@@ -397,10 +397,11 @@ def protocol_html(results: dict) -> str:
           for task, keys in s.get("per_task", {}).items()],
         "Evaluation: official SuperGLUE val split" + (f", a seeded random subsample of {v(s['max_eval_examples'])} examples per task" if s.get("max_eval_examples") else " in full") + ".",
     ]
+    other_init = sorted(t.upper() for t, keys in s.get("per_task", {}).items() if keys.get("init", "text") != "text")
     if s["init"] == "text":
         items.append("With the text init every seed starts from the same prompt: seeds differ only in which examples "
                      "share a batch and in the order of the batches, so the spread over seeds measures sensitivity to "
-                     "data order.")
+                     "data order" + (f" (not for {e(', '.join(other_init))}, whose init is partly drawn per seed)." if other_init else "."))
     if failed:
         items.append(f'<span class="bad">Runs left out (not done): {e(", ".join(failed))}</span>')
     return ("<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul><table><tr><th>task</th><th>train</th><th>dev</th><th>val</th>"
