@@ -83,8 +83,10 @@ def score(
                 for j in range(k)
             ]
         )  # [K*N, V]
-        token_lp = torch.log_softmax(logits, -1).gather(-1, batch.targets.repeat(k).unsqueeze(-1)).view(k, n).cpu()
-        greedy_wrong = (logits.argmax(-1) != batch.targets.repeat(k)).view(k, n).long().cpu()
+        targets = batch.targets.repeat(k)
+        # log-softmax at the target only: no [K*N, V] copy of the logits
+        token_lp = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)).view(k, n).cpu()
+        greedy_wrong = (logits.argmax(-1) != targets).view(k, n).long().cpu()
         segments = batch.segments.cpu()
         seg_lp = torch.zeros(k, len(batch.pairs)).index_add_(1, segments, token_lp)
         seg_wrong = torch.zeros(k, len(batch.pairs), dtype=torch.long).index_add_(1, segments, greedy_wrong)
