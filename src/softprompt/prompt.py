@@ -7,7 +7,8 @@ Initialisers are plain functions (tensors in, `[P, H]` out); callers embed token
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -101,8 +102,8 @@ class Continuation:
     Continuation row `r` carries on from the first `contexts[r]` tokens of first-input row
     `parents[r]` (and its prompt), so an example's context is encoded once for all its multi-token
     choices; the parent row's later tokens (another choice, padding) are masked out. The rows run in
-    `groups` (row ranges `[start, end)`, each padded only to its own longest row), so that rows of
-    very different lengths do not pad each other; one group `[(0, R)]` by default.
+    `groups` (`(start, end, width)`: rows `[start, end)`, padded only to their longest row's `width`
+    tokens), so that rows of very different lengths do not pad each other.
     """
 
     input_ids: Tensor  # [R, K] right-padded
@@ -111,15 +112,10 @@ class Continuation:
     contexts: Tensor  # [R] tokens of the parent row it continues (the rest is hidden from it)
     rows: Tensor  # [M] continuation row of each scored position
     positions: Tensor  # [M] position in input_ids
-    groups: list[tuple[int, int]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.groups:
-            self.groups = [(0, self.input_ids.shape[0])]
+    groups: list[tuple[int, int, int]]  # (start, end, width), known on the host: no device sync per group
 
     def to(self, device: torch.device) -> Continuation:
-        tensors = (self.input_ids, self.attention_mask, self.parents, self.contexts, self.rows, self.positions)
-        return Continuation(*(t.to(device) for t in tensors), groups=self.groups)
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)})
 
 
 def _cache_rows(cache, index: Tensor):
@@ -185,9 +181,8 @@ def logits_at(
     if then is not None:
         num_prompt = mask.shape[1] - input_ids.shape[1]
         hidden = selected.new_zeros(*then.input_ids.shape, selected.shape[-1])  # [R, K, H]
-        for begin, end in then.groups:
+        for begin, end, width in then.groups:
             parents, contexts = then.parents[begin:end], then.contexts[begin:end, None]  # [r], [r, 1]
-            width = int(then.attention_mask[begin:end].sum(1).max())
             steps = torch.arange(width, device=input_ids.device)
             seen = (torch.arange(input_ids.shape[1], device=input_ids.device) < contexts).long()  # [r, T]
             hidden[begin:end, :width] = model.base_model(

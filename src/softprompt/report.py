@@ -60,10 +60,6 @@ def to_csv(table: Table) -> bytes:
     return buffer.getvalue().encode()
 
 
-def _pm(mean: float | None, sd: float | None) -> str:
-    return fmt(mean) if sd is None else f"{fmt(mean)} ± {fmt(sd)}"
-
-
 # --- tables --------------------------------------------------------------------------------------
 
 

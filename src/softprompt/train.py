@@ -162,16 +162,15 @@ def initial_prompt(backbone: Backbone, task: Task, config: TrainConfig, generato
     model, tokenizer, n = backbone.model, backbone.tokenizer, config.num_tokens
     if config.init is InitMethod.RANDOM:
         return random_uniform(n, backbone.hidden_size, generator)
+    if config.init is InitMethod.TEXT:
+        text = config.init_text or task.init_text
+        return from_embedded_text(embed_ids(model, tokenizer(text, add_special_tokens=False)["input_ids"]), n)
     special = set(tokenizer.all_special_ids)
-    common = [i for i in range(min(COMMON_TOKENS, len(tokenizer))) if i not in special]
-    vocab = embed_ids(model, common)
+    vocab = embed_ids(model, [i for i in range(min(COMMON_TOKENS, len(tokenizer))) if i not in special])
     if config.init is InitMethod.VOCAB:
         return from_sample_of_embeddings(vocab, n, generator)
-    if config.init is InitMethod.CLASS_LABELS:
-        label_ids = list(dict.fromkeys(t for word in task.label_words for t in tokenizer(word, add_special_tokens=False)["input_ids"]))
-        return from_class_labels(embed_ids(model, label_ids), vocab, n, generator)
-    text = config.init_text or task.init_text
-    return from_embedded_text(embed_ids(model, tokenizer(text, add_special_tokens=False)["input_ids"]), n)
+    label_ids = list(dict.fromkeys(t for word in task.label_words for t in tokenizer(word, add_special_tokens=False)["input_ids"]))
+    return from_class_labels(embed_ids(model, label_ids), vocab, n, generator)
 
 
 def loss_step(backbone: Backbone, prompt: Tensor, batch: Batch) -> Tensor:
@@ -264,17 +263,18 @@ def train(
         for i in range(state.batch, len(batches)):
             batch = train_batch([train_items[j] for j in batches[i]], pad_id).to(device)
             loss = loss_step(backbone, prompt, batch)
-            if not torch.isfinite(loss):
-                _diverged(record, out_dir, f"loss is {loss.item()} at epoch {state.epoch + 1}, step {state.step + 1}")
+            value = loss.item()  # the one host sync of the step
+            if not math.isfinite(value):
+                _diverged(record, out_dir, f"loss is {value} at epoch {state.epoch + 1}, step {state.step + 1}")
             (loss / config.grad_accum).backward()
-            state.epoch_loss += loss.item()
+            state.epoch_loss += value
             tokens += batch.num_tokens
             bar.update()
             if (i + 1) % config.grad_accum != 0 and i + 1 != len(batches):
                 continue
             optimizer_step(prompt, optimizer, config.max_grad_norm, record, out_dir, state)
             state.step, state.batch = state.step + 1, i + 1
-            bar.set_postfix(step=state.step, loss=f"{loss.item():.3f}")
+            bar.set_postfix(step=state.step, loss=f"{value:.3f}")
             if config.max_steps is not None and state.step >= config.max_steps:
                 break
             if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < len(batches):
