@@ -64,30 +64,37 @@ def test_score_batch_single_token_choices_share_one_row():
 
 
 def test_score_batch_multi_token_choices():
-    items = [Encoded([5, 6], ([8, 9, 4], [3], [8, 9, 7]), 0)]
+    items = [Encoded([5, 6], ([8, 9, 4], [3], [8, 9, 7], [8, 1, 2], [2, 3]), 0)]
     batch = score_batch(items, first_index=0, pad_id=PAD)
-    # the context is encoded once, followed by the (first) longest choice, scored by teacher forcing;
-    # every other choice's first token is read at the context's last position
+    # the context is encoded once, followed by the (first) longest choice less its last token, scored
+    # by teacher forcing; every other choice reads its first token at the context's last position, and
+    # its later tokens too while they are the row's ([8, 9, 7] entirely, [8, 1, 2] its 8 and 1)
     assert batch.input_ids.tolist() == [[5, 6, 8, 9]]
-    assert list(zip(batch.rows.tolist(), batch.positions.tolist())) == [(0, 1), (0, 2), (0, 3), (0, 1), (0, 1)]
-    # the other 3-token choice continues the context (2 tokens of row 0) and scores its other two
+    assert batch.rows.tolist() == [0] * 10
+    assert batch.positions.tolist() == [1, 2, 3, 1, 1, 2, 3, 1, 2, 1]
+    # [8, 1, 2] continues after the context and its shared 8 (3 tokens of row 0), [2, 3] after the context
     then = batch.then
-    assert then.input_ids.tolist() == [[8, 9]]
-    assert then.parents.tolist() == [0] and then.contexts.tolist() == [2]
-    assert list(zip(then.rows.tolist(), then.positions.tolist())) == [(0, 0), (0, 1)]
-    assert batch.targets.tolist() == [8, 9, 4, 3, 8, 9, 7]
-    assert batch.segments.tolist() == [0, 0, 0, 1, 2, 2, 2]
+    assert then.input_ids.tolist() == [[1], [2]]
+    assert then.parents.tolist() == [0, 0] and then.contexts.tolist() == [3, 2]
+    assert list(zip(then.rows.tolist(), then.positions.tolist())) == [(0, 0), (1, 0)]
+    assert batch.targets.tolist() == [8, 9, 4, 3, 8, 9, 7, 8, 1, 2, 2, 3]
+    assert batch.segments.tolist() == [0, 0, 0, 1, 2, 2, 2, 3, 3, 4, 3, 4]
 
 
 def test_score_batch_positions_see_exactly_context_and_choice_prefix():
     """For every scored token, the input up to its position is context + the choice's earlier tokens."""
-    items = [Encoded([1, 2, 3], ([4, 5], [4, 6, 7], [8]), 1), Encoded([9], ([4], [5, 5, 5]), 1)]
+    items = [
+        Encoded([1, 2, 3], ([4, 5], [4, 6, 7], [8], [4, 6, 2], [4, 6, 7], [9, 9]), 1),
+        Encoded([9], ([4], [5, 5, 5], [5, 4]), 1),
+        Encoded([9], ([4, 3, 2, 1], [4, 3, 5, 6], [4, 7, 2, 1], [4, 3]), 0),
+    ]
     batch = score_batch(items, first_index=0, pad_id=PAD)
     inputs = []
     for row, pos in zip(batch.rows, batch.positions):
         assert batch.attention_mask[row, : pos + 1].all()
         inputs.append(batch.input_ids[row, : pos + 1].tolist())
     then = batch.then
+    assert then is not None and len(then.parents) == 3
     for row, pos in zip(then.rows, then.positions):
         parent = then.parents[row]
         context = batch.input_ids[parent, : then.contexts[row]].tolist()

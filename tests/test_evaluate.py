@@ -9,7 +9,7 @@ import torch
 
 from conftest import ARCHITECTURES
 from softprompt.batch import Encoded, encode, train_batch
-from softprompt.evaluate import Scores, metrics, score
+from softprompt.evaluate import Scores, metrics, score, target_logprobs
 from softprompt.tasks import TASKS, load_examples
 from softprompt.train import loss_step
 
@@ -135,3 +135,16 @@ def test_metrics_pick_the_prompt():
     scores = Scores(logprobs, torch.tensor([[True, True], [False, False]]), torch.tensor([0, 0]), torch.tensor([1, 1]))
     assert metrics(scores, 0)["accuracy"] == 100.0 and metrics(scores, 1)["accuracy"] == 0.0
     assert metrics(scores, 1)["exact_match"] == 0.0
+
+
+def test_target_logprobs_by_hand_and_against_log_softmax():
+    logits = torch.tensor([[0.0, 0.0, math.log(2.0)], [5.0, 5.0, 1.0], [1e4, 0.0, -1e4]])
+    logprobs, greedy = target_logprobs(logits, torch.tensor([2, 1, 1]), block=2)
+    torch.testing.assert_close(logprobs, torch.tensor([math.log(0.5), math.log(math.exp(5) / (2 * math.exp(5) + math.exp(1))), -1e4]))
+    assert greedy.tolist() == [True, False, False]  # row 1: a tie between 0 and 1 goes to the first
+    big = torch.randn(37, 500, generator=torch.Generator().manual_seed(0)) * 8
+    targets = torch.randint(0, 500, (37,), generator=torch.Generator().manual_seed(1))
+    targets[:5] = big[:5].argmax(-1)
+    logprobs, greedy = target_logprobs(big, targets)  # 37 rows: the last block is short
+    torch.testing.assert_close(logprobs, big.log_softmax(-1)[torch.arange(37), targets])
+    assert greedy.tolist() == (big.argmax(-1) == targets).tolist() and greedy[:5].all()

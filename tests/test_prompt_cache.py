@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES
+import softprompt.batch
 from softprompt.batch import Encoded, encode
 from softprompt.evaluate import score
 from softprompt.prompt import logits_at, output_logits, prepend
@@ -79,8 +80,6 @@ def test_several_prompts_score_as_each_alone(tiny_backbone, data_dir):
 def test_continuation_groups_match_naive(tiny_backbone, monkeypatch):
     """Many multi-token choices of different lengths, each length its own continuation pass (no
     padding allowed), several batches sharing one prompt cache: still the naive numbers."""
-    import softprompt.batch
-
     exact = softprompt.batch.cheapest_ranges
     monkeypatch.setattr(softprompt.batch, "cheapest_ranges", lambda lengths, max_rows=None, pass_cost=0: exact(lengths, max_rows, 0))
     generator = torch.Generator().manual_seed(1)
@@ -96,4 +95,20 @@ def test_continuation_groups_match_naive(tiny_backbone, monkeypatch):
     batch = softprompt.batch.score_batch(items, 0, tiny_backbone.tokenizer.pad_token_id)
     assert len(batch.then.groups) > 2  # the path under test: several continuation passes
     scores = score(tiny_backbone, prompt, items, batch_size=2)
+    torch.testing.assert_close(scores.logprobs[0], _naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tiny_backbone", ARCHITECTURES, indirect=True)
+def test_choices_sharing_tokens_match_naive(tiny_backbone):
+    """Choices that share leading tokens with the row's choice read them off the row and continue
+    after them (a choice that is a prefix of it, one equal to it, one sharing one or two tokens)."""
+    items = [
+        Encoded([11, 12, 13], ([21, 22, 23, 24], [21, 22, 30], [21, 31, 32, 33], [21, 22], [21, 22, 23, 24], [40, 41]), 0),
+        Encoded([14], ([50, 51, 54], [50, 52, 53, 56], [50]), 2),
+        Encoded([15, 16], ([60, 61, 62, 65], [60, 61, 63, 64]), 1),
+    ]
+    prompt = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    batch = softprompt.batch.score_batch(items, 0, tiny_backbone.tokenizer.pad_token_id)
+    assert batch.then.contexts.tolist() == [4, 3, 2, 4]  # after the shared tokens
+    scores = score(tiny_backbone, prompt, items, batch_size=3)
     torch.testing.assert_close(scores.logprobs[0], _naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)

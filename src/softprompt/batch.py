@@ -87,31 +87,37 @@ def train_batch(items: list[Encoded], pad_id: int) -> Batch:
     return _build(sequences, scored, pairs, pad_id)
 
 
-def score_batch(items: list[Encoded], first_index: int, pad_id: int) -> Batch:
-    """One row per item: its context, then its longest multi-token choice; other multi-token choices continue.
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
-    Every choice's first token is scored at the context's last position, so single-token choices
-    cost nothing beyond the context. The longest choice of k > 1 tokens rides along in the item's
-    row (its first k-1 tokens after the context, scored by teacher forcing); every other choice
-    of k > 1 tokens adds a continuation row that attends to the parent row's context only. So the
-    context is encoded once per example. Continuation rows are sorted longest first and run in the
-    groups `cheapest_ranges` picks.
+
+def score_batch(items: list[Encoded], first_index: int, pad_id: int) -> Batch:
+    """One row per item: its context, then its longest multi-token choice; other choices read what they share.
+
+    A row is the context followed by all but the last token of the item's longest choice (of more
+    than one token). A choice's token `j` is read at the row's position `context + j - 1` for as long
+    as the choice's earlier tokens are the ones in the row: every choice's first token (so single-token
+    choices cost nothing beyond the context), the longest choice's every token (teacher forcing),
+    and the tokens another choice shares with it ("The man ..." and "The woman ..." share "The").
+    The rest of a choice goes into a continuation row that attends to the parent row's context and
+    the shared tokens only. So the context is encoded once per example. Continuation rows are sorted
+    longest first and run in the groups `cheapest_ranges` picks.
     """
     rows, scored, pairs = [], [], []
-    continuations = []  # (tokens, parent row, context length, [(position, target, segment)])
+    continuations = []  # (tokens, parent row, parent tokens it sees, [(position, target, segment)])
     for offset, item in enumerate(items):
         row, n = len(rows), len(item.context)
-        multi = [c for c, choice in enumerate(item.choices) if len(choice) > 1]
-        inline = max(multi, key=lambda c: len(item.choices[c])) if multi else None
-        rows.append(item.context + (item.choices[inline][:-1] if inline is not None else []))
+        multi = [choice for choice in item.choices if len(choice) > 1]
+        ride = max(multi, key=len)[:-1] if multi else []  # the first longest, less its last token
+        rows.append(item.context + ride)
         for c, choice in enumerate(item.choices):
             segment = len(pairs)
             pairs.append((first_index + offset, c))
-            scored.append((row, n - 1, choice[0], segment))
-            if c == inline:
-                scored += [(row, n + j, token, segment) for j, token in enumerate(choice[1:])]
-            elif len(choice) > 1:
-                continuations.append((choice[:-1], row, n, [(j, token, segment) for j, token in enumerate(choice[1:])]))
+            read = min(_common_prefix(choice, ride), len(choice) - 1)  # choice[: read + 1] is read off the row
+            scored += [(row, n - 1 + j, choice[j], segment) for j in range(read + 1)]
+            if read + 1 < len(choice):
+                rest = [(j, token, segment) for j, token in enumerate(choice[read + 1 :])]
+                continuations.append((choice[read:-1], row, n + read, rest))
     batch = _build(rows, scored, pairs, pad_id)
     if not continuations:
         return batch
