@@ -22,7 +22,9 @@ Scoring: rank classification of COPA and CB val under the task's text prompt: so
 by length). Predictions must be identical.
 
 Hardware bound: fp32 matmul FLOP/s measured here, against model FLOPs of a training step (the
-formula is in `train_step_flops`).
+formula is in `train_step_flops`); and, from torch.profiler on one step of each side, the share
+of the step spent in matmuls, so the tokens/s a side would reach if everything else took no time
+(against PEFT's measured tokens/s: the most that faster non-matmul code could give).
 """
 
 from __future__ import annotations
@@ -92,6 +94,21 @@ def matmul_flops_per_s(size: int = 1024, repeats: int = 10) -> float:
         a @ b
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def matmul_share(fn) -> float:
+    """The fraction of `fn()`'s wall time spent inside matrix multiplications (torch.profiler, self time).
+
+    What a step would gain if everything but its matmuls were free: at most 1 / share.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - start
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6 / wall
 
 
 def model_dims(backbone: Backbone) -> dict[str, int]:
@@ -212,11 +229,13 @@ def bench_training(backbone: Backbone, args, dims: dict) -> dict:
                 side.flops += train_step_flops(dims, lengths, p, batch.rows.shape[0])
             print(f"  {task.name} step {step + 1}/{len(peft_batches)}", flush=True)
 
-        memory = {}
+        memory, shares = {}, {}
         for side in sides:
             def one_step(side=side):
                 side.step(first)
             memory[side.name] = peak_rss_growth(one_step)
+            own_first = train_batch([items[i] for i in side.batches[0]], pad_id)
+            shares[side.name] = matmul_share(lambda side=side, batch=own_first: side.step(batch))
         task_result = {}
         for side in sides:
             task_result[side.name] = {
@@ -227,17 +246,22 @@ def bench_training(backbone: Backbone, args, dims: dict) -> dict:
                 "median_step_tokens_per_s": statistics.median(side.step_tokens_per_s),
                 "model_flops": side.flops,
                 "peak_rss_growth_mb": memory[side.name] / 2**20,
+                "matmul_share": shares[side.name],
             }
             total = totals.setdefault(side.name, {"tokens": 0, "seconds": 0.0, "flops": 0.0, "peak_rss_growth_mb": 0.0})
             total["tokens"] += side.tokens
             total["seconds"] += side.seconds
             total["flops"] += side.flops
             total["peak_rss_growth_mb"] = max(total["peak_rss_growth_mb"], memory[side.name] / 2**20)
+            total.setdefault("matmul_shares", []).append(shares[side.name])
         results["tasks"][task.name] = task_result
         assert len({s.tokens for s in sides}) == 1, "every side must process the same tokens per epoch"
     for total in totals.values():
         total["tokens_per_s"] = total["tokens"] / total["seconds"]
         total["model_flops_per_s"] = total["flops"] / total["seconds"]
+        total["matmul_share"] = statistics.mean(total.pop("matmul_shares"))
+        # tokens/s if everything but the matmuls took no time: an upper bound on what the code can reach
+        total["tokens_per_s_matmuls_only"] = total["tokens_per_s"] / total["matmul_share"]
     results["all"] = totals
     return results
 
@@ -313,6 +337,10 @@ def print_table(result: dict) -> None:
     for task, sides in train["tasks"].items():
         line = ", ".join(f"{n} {s['tokens_per_s']:.1f}" for n, s in sides.items())
         print(f"  {task}: tokens/s {line}")
+    print(f"\n{'time in matmuls':<18}{'share':>8}{'tokens/s if only matmuls':>26}{'vs peft':>9}")
+    for name, t in train["all"].items():
+        print(f"{name:<18}{t['matmul_share']:>8.1%}{t['tokens_per_s_matmuls_only']:>26.1f}{t['tokens_per_s_matmuls_only'] / base:>8.2f}x")
+    print("  (vs PEFT's measured tokens/s: the most that faster non-matmul code could reach)")
     print(f"\n{'scoring':<8}{'n':>5}{'naive ex/s':>12}{'softprompt ex/s':>17}{'ratio':>8}{'same preds':>12}")
     for task, row in result["scoring"].items():
         print(f"{task:<8}{row['examples']:>5}{row['naive']['examples_per_s']:>12.2f}{row['softprompt']['examples_per_s']:>17.2f}"
