@@ -174,7 +174,7 @@ def logits_at(
         cache = prompt_keys_values(model, prompt) if prompt_cache is None else prompt_cache
         if prompt.dim() == 2:  # [1, heads, P, d] -> [B, heads, P, d] per layer, in a new cache
             cache = _cache_rows(cache, input_ids.new_zeros(input_ids.shape[0]))
-        _, mask = prepend(prompt, inputs_embeds[:, :0], attention_mask)  # [B, P+T]
+        mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], prompt.shape[-2]), attention_mask], dim=1)  # [B, P+T]
     use_cache = cache is not None or then is not None
     out = model.base_model(inputs_embeds=inputs_embeds, attention_mask=mask, past_key_values=cache, use_cache=use_cache)
     selected = out.last_hidden_state[rows, positions]  # [N, H]
