@@ -67,6 +67,7 @@ def test_study_writes_every_file(study_dir):
     assert ensemble["k"] == 2 and ensemble["best"] >= ensemble["mean"]
     # the diagonal of the transfer matrix is the representative prompt on its own task: same scores as its seed
     assert results["transfer"]["accuracy"][0][0] == results["evaluation"]["cb"]["seeds"]["0"]["accuracy"]
+    assert 0 < results["analysis_wall_s"] < results["wall_s"]  # the analysis alone, then the whole call with training
 
 
 def test_report_embeds_every_figure(study_dir):

@@ -346,8 +346,10 @@ def run_study(
     atomic_write_json(out_dir / STUDY_FILE, config.to_json())
     backbone = backbone or load_backbone(config.model, config.train.get("device", "auto"))
     statuses = train_all(config, out_dir, backbone, data_dir, progress, echo)
+    analysis_started = time.time()
     results = analyse(config, out_dir, backbone, data_dir, statuses, echo, progress)
-    results["analysis_wall_s"] = round(time.time() - started, 1)
+    results["analysis_wall_s"] = round(time.time() - analysis_started, 1)  # scoring, interpretation, statistics
+    results["wall_s"] = round(time.time() - started, 1)  # this call, training included (resumed runs count 0)
     atomic_write_json(out_dir / RESULTS_FILE, json_safe(results))
     write_report(out_dir)
     echo(f"wrote {out_dir / 'report.html'}")
