@@ -148,3 +148,6 @@ def test_target_logprobs_by_hand_and_against_log_softmax():
     logprobs, greedy = target_logprobs(big, targets)  # 37 rows: the last block is short
     torch.testing.assert_close(logprobs, big.log_softmax(-1)[torch.arange(37), targets])
     assert greedy.tolist() == (big.argmax(-1) == targets).tolist() and greedy[:5].all()
+    whole = target_logprobs(big, targets, block=37)  # one block: what a GPU does
+    torch.testing.assert_close(whole[0], logprobs)
+    assert whole[1].tolist() == greedy.tolist()
