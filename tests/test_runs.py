@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -114,6 +115,21 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
     with pytest.raises(OSError, match=r"cannot write .*a-file/run\.json"):
         atomic_write_bytes(blocked / "run.json", b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "run.json"]
+
+
+def test_atomic_write_gives_the_usual_file_mode_and_keeps_an_existing_one(tmp_path):
+    old_umask = os.umask(0o027)
+    try:
+        atomic_write_bytes(tmp_path / "new.json", b"{}")
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640  # 0666 less the umask, not mkstemp's 0600
+        assert os.umask(0o027) == 0o027  # the umask is left as it was
+        kept = tmp_path / "kept.json"
+        kept.write_bytes(b"[]")
+        kept.chmod(0o604)
+        atomic_write_bytes(kept, b"{}")
+        assert kept.stat().st_mode & 0o777 == 0o604 and kept.read_bytes() == b"{}"
+    finally:
+        os.umask(old_umask)
 
 
 def test_read_run_and_is_done(tmp_path):

@@ -57,8 +57,17 @@ def refuse_pickle(path: Path, data: bytes, error: type[ValueError]) -> None:
             f"arbitrary code. softprompt loads safetensors only: convert it with safetensors.torch.save_file"
         )
 
+def _new_file_mode() -> int:
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temp file in the same folder and a rename.
+
+    The file gets the mode of the file it replaces, or a new file's usual mode (0666 less the umask;
+    the temp file's own 0600 would hide runs and reports from everyone else).
 
     Raises:
         OSError: the folder is not writable or the disk is full; the message names `path`.
@@ -71,6 +80,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as e:
         raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
     try:
+        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
