@@ -37,6 +37,12 @@ def test_encode_without_room(tokenizer):
         encode(tokenizer, example, max_length=2)
 
 
+def test_encode_refuses_a_choice_without_tokens(tokenizer):
+    example = Example("text", (" yes", ""), 0)
+    with pytest.raises(ValueError, match=r"choice '' has no tokens; every choice needs at least one"):
+        encode(tokenizer, example, max_length=64)
+
+
 def test_train_batch_scores_every_answer_token_with_teacher_forcing():
     items = [Encoded([5, 6, 7], ([8], [9, 10]), 1), Encoded([11], ([12], [13]), 0)]
     batch = train_batch(items, PAD)

@@ -49,10 +49,13 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
     """Token ids of the context and of each choice; the context loses tokens from its start if needed.
 
     Raises:
-        ValueError: `max_length` leaves no room for the context.
+        ValueError: a choice has no tokens, or `max_length` leaves no room for the context.
     """
     context = tokenizer(example.text)["input_ids"]
     choices = tuple(tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in example.choices)
+    for text, ids in zip(example.choices, choices):
+        if not ids:  # it would score log-likelihood 0, the best there is
+            raise ValueError(f"choice {text!r} has no tokens; every choice needs at least one")
     room = max_length - max(len(c) for c in choices)
     if room < 1:
         raise ValueError(f"max_length={max_length} leaves no room for the context; raise --max-length")
