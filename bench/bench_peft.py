@@ -23,8 +23,9 @@ by length). Predictions must be identical.
 
 Hardware bound: fp32 matmul FLOP/s measured here, against model FLOPs of a training step (the
 formula is in `train_step_flops`); and, from torch.profiler on one step of each side, the share
-of the step spent in matmuls, so the tokens/s a side would reach if everything else took no time
-(against PEFT's measured tokens/s: the most that faster non-matmul code could give).
+of the step spent in matmuls (and in matmuls plus the attention kernels), so the tokens/s a side
+would reach if everything else took no time (against PEFT's measured tokens/s: the most that
+faster code around those kernels could give).
 """
 
 from __future__ import annotations
@@ -97,18 +98,32 @@ def matmul_flops_per_s(size: int = 1024, repeats: int = 10) -> float:
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+# The attention kernels' own work (scores, softmax, weighted sum; forward and backward): the
+# attention FLOPs, which the matmul ops above do not include.
+ATTENTION_OPS = {
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_efficient_attention_backward",
+    "aten::_softmax",
+    "aten::_softmax_backward_data",
+}
 
 
-def matmul_share(fn) -> float:
-    """The fraction of `fn()`'s wall time spent inside matrix multiplications (torch.profiler, self time).
+def matmul_share(fn) -> dict[str, float]:
+    """The fraction of `fn()`'s wall time spent in matrix multiplications, and in those plus the
+    attention kernels (torch.profiler, self time).
 
-    What a step would gain if everything but its matmuls were free: at most 1 / share.
+    What a step would gain if everything else were free: at most 1 / share.
     """
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         fn()
         wall = time.perf_counter() - start
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6 / wall
+    events = prof.key_averages()
+    matmuls = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6
+    attention = sum(e.self_cpu_time_total for e in events if e.key in ATTENTION_OPS) / 1e6
+    return {"matmuls": matmuls / wall, "matmuls_and_attention": (matmuls + attention) / wall}
 
 
 def model_dims(backbone: Backbone) -> dict[str, int]:
@@ -246,22 +261,23 @@ def bench_training(backbone: Backbone, args, dims: dict) -> dict:
                 "median_step_tokens_per_s": statistics.median(side.step_tokens_per_s),
                 "model_flops": side.flops,
                 "peak_rss_growth_mb": memory[side.name] / 2**20,
-                "matmul_share": shares[side.name],
+                "time_share": shares[side.name],
             }
             total = totals.setdefault(side.name, {"tokens": 0, "seconds": 0.0, "flops": 0.0, "peak_rss_growth_mb": 0.0})
             total["tokens"] += side.tokens
             total["seconds"] += side.seconds
             total["flops"] += side.flops
             total["peak_rss_growth_mb"] = max(total["peak_rss_growth_mb"], memory[side.name] / 2**20)
-            total.setdefault("matmul_shares", []).append(shares[side.name])
+            total.setdefault("time_shares", []).append(shares[side.name])
         results["tasks"][task.name] = task_result
         assert len({s.tokens for s in sides}) == 1, "every side must process the same tokens per epoch"
     for total in totals.values():
         total["tokens_per_s"] = total["tokens"] / total["seconds"]
         total["model_flops_per_s"] = total["flops"] / total["seconds"]
-        total["matmul_share"] = statistics.mean(total.pop("matmul_shares"))
-        # tokens/s if everything but the matmuls took no time: an upper bound on what the code can reach
-        total["tokens_per_s_matmuls_only"] = total["tokens_per_s"] / total["matmul_share"]
+        shares = total.pop("time_shares")
+        total["time_share"] = {k: statistics.mean(share[k] for share in shares) for k in shares[0]}
+        # tokens/s if everything but these kernels took no time: an upper bound on what the code can reach
+        total["tokens_per_s_if_only"] = {k: total["tokens_per_s"] / v for k, v in total["time_share"].items()}
     results["all"] = totals
     return results
 
@@ -337,10 +353,13 @@ def print_table(result: dict) -> None:
     for task, sides in train["tasks"].items():
         line = ", ".join(f"{n} {s['tokens_per_s']:.1f}" for n, s in sides.items())
         print(f"  {task}: tokens/s {line}")
-    print(f"\n{'time in matmuls':<18}{'share':>8}{'tokens/s if only matmuls':>26}{'vs peft':>9}")
+    print(f"\n{'share of a step':<18}{'matmuls':>9}{'+ attention':>13}   tokens/s if only those ran (vs peft)")
     for name, t in train["all"].items():
-        print(f"{name:<18}{t['matmul_share']:>8.1%}{t['tokens_per_s_matmuls_only']:>26.1f}{t['tokens_per_s_matmuls_only'] / base:>8.2f}x")
-    print("  (vs PEFT's measured tokens/s: the most that faster non-matmul code could reach)")
+        share, only = t["time_share"], t["tokens_per_s_if_only"]
+        print(f"{name:<18}{share['matmuls']:>9.1%}{share['matmuls_and_attention']:>13.1%}   "
+              f"matmuls {only['matmuls']:.1f} ({only['matmuls'] / base:.2f}x), "
+              f"+ attention {only['matmuls_and_attention']:.1f} ({only['matmuls_and_attention'] / base:.2f}x)")
+    print("  (vs PEFT's measured tokens/s: the most that faster code around these kernels could reach)")
     print(f"\n{'scoring':<8}{'n':>5}{'naive ex/s':>12}{'softprompt ex/s':>17}{'ratio':>8}{'same preds':>12}")
     for task, row in result["scoring"].items():
         print(f"{task:<8}{row['examples']:>5}{row['naive']['examples_per_s']:>12.2f}{row['softprompt']['examples_per_s']:>17.2f}"
