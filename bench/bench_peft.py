@@ -45,9 +45,9 @@ import torch
 from peft import PromptTuningConfig, TaskType, get_peft_model
 
 from softprompt.backbone import DEFAULT_MODEL, Backbone, load_backbone
-from softprompt.batch import Batch, Encoded, bucketed_batches, encode, train_batch
+from softprompt.batch import Batch, Encoded, bucketed_batches, encode, pad, train_batch
 from softprompt.evaluate import score
-from softprompt.prompt import embed_ids, from_embedded_text
+from softprompt.prompt import embed_text, from_embedded_text
 from softprompt.tasks import get_task, load_examples
 from softprompt.train import loss_step
 
@@ -195,7 +195,7 @@ def bench_training(backbone: Backbone, args, dims: dict) -> dict:
         examples = load_examples(task, "train", args.data_dir)
         examples = random.Random(args.seed).sample(examples, min(args.train_examples, len(examples)))
         items = [encode(tokenizer, e, args.max_length) for e in examples]
-        init = from_embedded_text(embed_ids(backbone.model, tokenizer(task.init_text, add_special_tokens=False)["input_ids"]), p)
+        init = from_embedded_text(embed_text(backbone.model, tokenizer, task.init_text), p)
         generator = torch.Generator().manual_seed(args.seed)
         shuffled = torch.randperm(len(items), generator=generator).tolist()
         peft_batches = [shuffled[i : i + args.batch_size] for i in range(0, len(shuffled), args.batch_size)]
@@ -294,11 +294,7 @@ def naive_scores(backbone: Backbone, prompt: torch.Tensor, items: list[Encoded],
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
         seqs = [items[e].context + items[e].choices[c] for e, c in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
+        ids, mask = pad(seqs, pad_id)
         embeds = torch.cat([prompt.expand(len(seqs), -1, -1), model.get_input_embeddings()(ids)], dim=1)
         mask = torch.cat([torch.ones(len(seqs), p, dtype=torch.long), mask], dim=1)
         logprobs = torch.log_softmax(model(inputs_embeds=embeds, attention_mask=mask).logits.float(), -1)  # [B, P+T, V]
@@ -315,7 +311,7 @@ def bench_scoring(backbone: Backbone, args) -> dict:
         task = get_task(task_name)
         examples = load_examples(task, "val", args.data_dir)[: args.score_examples]  # None: the whole val split
         items = [encode(tokenizer, e, args.max_length) for e in examples]
-        prompt = from_embedded_text(embed_ids(backbone.model, tokenizer(task.init_text, add_special_tokens=False)["input_ids"]), args.num_tokens)
+        prompt = from_embedded_text(embed_text(backbone.model, tokenizer, task.init_text), args.num_tokens)
         times: dict[str, list[float]] = {"naive": [], "softprompt": []}
         predictions = {}
         for repeat in range(args.score_repeats):

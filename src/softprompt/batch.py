@@ -62,7 +62,8 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
     return Encoded(context[-room:], choices, example.label)
 
 
-def _pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+def pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded ids and attention mask: `[len(sequences), longest]` each."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -73,7 +74,7 @@ def _pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 def _build(sequences: list[list[int]], scored: list[tuple[int, int, int, int]], pairs: list[tuple[int, int]], pad_id: int) -> Batch:
-    ids, mask = _pad(sequences, pad_id)
+    ids, mask = pad(sequences, pad_id)
     rows, positions, targets, segments = (torch.tensor(col, dtype=torch.long) for col in zip(*scored))
     return Batch(ids, mask, rows, positions, targets, segments, pairs)
 
@@ -110,8 +111,7 @@ def score_batch(items: list[Encoded], first_index: int, pad_id: int) -> Batch:
     continuations = []  # (tokens, parent row, parent tokens it sees, [(position, target, segment)])
     for offset, item in enumerate(items):
         row, n = len(rows), len(item.context)
-        multi = [choice for choice in item.choices if len(choice) > 1]
-        ride = max(multi, key=len)[:-1] if multi else []  # the first longest, less its last token
+        ride = max(item.choices, key=len)[:-1]  # the first longest choice, less its last token
         rows.append(item.context + ride)
         for c, choice in enumerate(item.choices):
             segment = len(pairs)
@@ -126,7 +126,7 @@ def score_batch(items: list[Encoded], first_index: int, pad_id: int) -> Batch:
         return batch
     continuations.sort(key=lambda c: -len(c[0]))
     next_scored = [(r, j, token, segment) for r, (*_, tokens) in enumerate(continuations) for j, token, segment in tokens]
-    ids, mask = _pad([tokens for tokens, *_ in continuations], pad_id)
+    ids, mask = pad([tokens for tokens, *_ in continuations], pad_id)
     cont_rows, cont_positions, targets, segments = (torch.tensor(col, dtype=torch.long) for col in zip(*next_scored))
     parents = torch.tensor([parent for _, parent, _, _ in continuations])
     contexts = torch.tensor([n for _, _, n, _ in continuations])

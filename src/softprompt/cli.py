@@ -16,7 +16,7 @@ from click.core import ParameterSource
 from softprompt.backbone import DEFAULT_MODEL, load_backbone
 from softprompt.batch import encode
 from softprompt.evaluate import PromptMode, metrics, score
-from softprompt.prompt import embed_ids
+from softprompt.prompt import embed_text
 from softprompt.runs import atomic_write_json, load_finished_run, load_prompt, read_run
 from softprompt.tasks import DATA_DIR_ENV, DataError, get_task, load_examples
 from softprompt.train import TrainConfig, TrainingDiverged, config_from_run, train
@@ -160,8 +160,7 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
         if mode is PromptMode.SOFT:
             prompt, _ = _load_soft_prompt(prompt_path, hidden_size=backbone.hidden_size)
         elif mode is PromptMode.TEXT:
-            ids = backbone.tokenizer(task_.init_text, add_special_tokens=False)["input_ids"]
-            prompt = embed_ids(backbone.model, ids)
+            prompt = embed_text(backbone.model, backbone.tokenizer, task_.init_text)
         else:
             prompt = None
         items = [encode(backbone.tokenizer, e, max_length) for e in load_examples(task_, split, data_dir)]

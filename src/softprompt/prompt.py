@@ -13,7 +13,7 @@ from enum import Enum
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class InitMethod(str, Enum):
@@ -62,6 +62,11 @@ def embed_ids(model: PreTrainedModel, ids: list[int]) -> Tensor:
     device = embedding.weight.device
     with torch.no_grad():
         return embedding(torch.tensor(ids, device=device)).float().cpu()
+
+
+def embed_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str) -> Tensor:
+    """A text's token embeddings (no special tokens), fp32 on CPU: `[T, H]`."""
+    return embed_ids(model, tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def prepend(prompt: Tensor | None, inputs_embeds: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,14 +186,14 @@ def logits_at(
     if then is not None:
         num_prompt = mask.shape[1] - input_ids.shape[1]
         hidden = selected.new_zeros(*then.input_ids.shape, selected.shape[-1])  # [R, K, H]
+        steps = torch.arange(max(input_ids.shape[1], then.input_ids.shape[1]), device=input_ids.device)
         for begin, end, width in then.groups:
             parents, contexts = then.parents[begin:end], then.contexts[begin:end, None]  # [r], [r, 1]
-            steps = torch.arange(width, device=input_ids.device)
-            seen = (torch.arange(input_ids.shape[1], device=input_ids.device) < contexts).long()  # [r, T]
+            seen = (steps[: input_ids.shape[1]] < contexts).long()  # [r, T]: the parent's tokens this row sees
             hidden[begin:end, :width] = model.base_model(
                 inputs_embeds=model.get_input_embeddings()(then.input_ids[begin:end, :width]),
                 attention_mask=torch.cat([mask[parents, :num_prompt], seen, then.attention_mask[begin:end, :width]], dim=1),
-                position_ids=num_prompt + contexts + steps,  # the parent's later tokens sit mid-row, so positions are given
+                position_ids=num_prompt + contexts + steps[:width],  # the parent's later tokens sit mid-row, so positions are given
                 past_key_values=_cache_rows(out.past_key_values, parents),  # [r, heads, P+T, d] per layer
                 use_cache=True,
             ).last_hidden_state  # [r, width, H]

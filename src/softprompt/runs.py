@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import platform
+import secrets
+import stat
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +58,12 @@ def refuse_pickle(path: Path, data: bytes, error: type[ValueError]) -> None:
             f"arbitrary code. softprompt loads safetensors only: convert it with safetensors.torch.save_file"
         )
 
-def _new_file_mode() -> int:
-    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(umask)
-    return 0o666 & ~umask
-
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temp file in the same folder and a rename.
 
-    The file gets the mode of the file it replaces, or a new file's usual mode (0666 less the umask;
-    the temp file's own 0600 would hide runs and reports from everyone else).
+    The temp file is created like any new file (0666 less the umask; `tempfile.mkstemp`'s 0600 would
+    hide runs and reports from everyone else); one that replaces a file takes over its mode.
 
     Raises:
         OSError: the folder is not writable or the disk is full; the message names `path`.
@@ -76,11 +72,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
         raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
     try:
-        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
+        if path.exists():
+            os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

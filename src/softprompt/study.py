@@ -38,7 +38,7 @@ from softprompt.backbone import DEFAULT_MODEL, Backbone, load_backbone
 from softprompt.batch import Encoded, encode
 from softprompt.evaluate import Scores, metrics, score
 from softprompt.interpret import interpret_prompt, rows_to_json, run_init_ids
-from softprompt.prompt import embed_ids
+from softprompt.prompt import embed_text
 from softprompt.runs import RUN_FILE, atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
 from softprompt.tasks import get_task, load_examples
 from softprompt.train import TrainConfig, TrainingDiverged, train
@@ -418,7 +418,7 @@ def _representative(config: StudyConfig, task: str, seeds: list[int]) -> str | N
 def _text_prompt(backbone: Backbone, config: StudyConfig, task: str) -> Tensor:
     """The task's good-prompt text as token embeddings (as `softprompt evaluate --text-prompt`)."""
     text = config.train_config(task, config.seeds[0]).init_text or get_task(task).init_text
-    return embed_ids(backbone.model, backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return embed_text(backbone.model, backbone.tokenizer, text)
 
 
 def _evaluate_task(task: str, seeds: list[int], scores: dict[str, Scores], items: list[Encoded]) -> dict:

@@ -27,6 +27,7 @@ from softprompt.interpret import nearest_tokens_in_model
 from softprompt.prompt import (
     InitMethod,
     embed_ids,
+    embed_text,
     from_class_labels,
     from_embedded_text,
     from_sample_of_embeddings,
@@ -164,7 +165,7 @@ def initial_prompt(backbone: Backbone, task: Task, config: TrainConfig, generato
         return random_uniform(n, backbone.hidden_size, generator)
     if config.init is InitMethod.TEXT:
         text = config.init_text or task.init_text
-        return from_embedded_text(embed_ids(model, tokenizer(text, add_special_tokens=False)["input_ids"]), n)
+        return from_embedded_text(embed_text(model, tokenizer, text), n)
     special = set(tokenizer.all_special_ids)
     vocab = embed_ids(model, [i for i in range(min(COMMON_TOKENS, len(tokenizer))) if i not in special])
     if config.init is InitMethod.VOCAB:
