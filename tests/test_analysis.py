@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from softprompt.analysis import (
+from softprompt.analysis.measures import (
     cosine_matrix,
     distance_matrix,
     ensemble,

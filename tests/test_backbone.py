@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from softprompt.backbone import (
+from softprompt.backbones.loading import (
     CACHE_FORMAT,
     PRESETS,
     GGUFPreset,

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import softprompt.tasks as tasks_module
-from softprompt.tasks import TASKS, DataError, Task, load_examples, read_jsonl
+import softprompt.tasks.superglue as tasks_module
+from softprompt.tasks.superglue import TASKS, DataError, Task, load_examples, read_jsonl
 
 from conftest import FIXTURE_DATA
 

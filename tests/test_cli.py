@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY_CONFIGS
-from softprompt.backbone import model_from_config
+from softprompt.backbones.loading import model_from_config
 from softprompt.cli import app
-from softprompt.runs import PROMPT_FILE, RUN_FILE
-from softprompt.train import TrainConfig
+from softprompt.io.runs import PROMPT_FILE, RUN_FILE
+from softprompt.train.loop import TrainConfig
 
 TINY_TRAIN = ["--num-tokens", "4", "--epochs", "1", "--min-dev-examples", "6", "--device", "cpu"]
 

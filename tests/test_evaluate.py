@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES
-from softprompt.batch import Encoded, encode, train_batch
-from softprompt.evaluate import Scores, metrics, score, target_logprobs
-from softprompt.tasks import TASKS, load_examples
-from softprompt.train import loss_step
+from softprompt.data.batch import Encoded, encode, train_batch
+from softprompt.eval.scoring import Scores, metrics, score, target_logprobs
+from softprompt.tasks.superglue import TASKS, load_examples
+from softprompt.train.loop import loss_step
 
 
 def full_logits(model, prompt: torch.Tensor | None, ids: list[int]) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from softprompt.cli import app
-from softprompt.interpret import (
+from softprompt.analysis.interpret import (
     format_table,
     init_token_ids,
     interpret_run,
@@ -19,9 +19,9 @@ from softprompt.interpret import (
     readable,
     script_of,
 )
-from softprompt.train import TrainConfig, initial_prompt
-from softprompt.runs import atomic_write_json, save_prompt
-from softprompt.tasks import get_task
+from softprompt.train.loop import TrainConfig, initial_prompt
+from softprompt.io.runs import atomic_write_json, save_prompt
+from softprompt.tasks.superglue import get_task
 
 
 def test_nearest_tokens_reads_off_one_hot_rows():

@@ -10,12 +10,12 @@ from click.testing import CliRunner
 from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
 from safetensors.torch import load_file
 
-from softprompt.batch import encode
+from softprompt.data.batch import encode
 from softprompt.cli import app
-from softprompt.peft_adapter import ADAPTER_CONFIG, ADAPTER_KEY, ADAPTER_WEIGHTS, export_peft, import_peft
-from softprompt.prompt import logits_at
-from softprompt.runs import PROMPT_FILE, PromptFileError, load_prompt, save_prompt
-from softprompt.tasks import get_task, load_examples
+from softprompt.io.peft import ADAPTER_CONFIG, ADAPTER_KEY, ADAPTER_WEIGHTS, export_peft, import_peft
+from softprompt.core.forward import logits_at
+from softprompt.io.runs import PROMPT_FILE, PromptFileError, load_prompt, save_prompt
+from softprompt.tasks.superglue import get_task, load_examples
 
 NUM_TOKENS = 4
 

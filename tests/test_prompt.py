@@ -6,18 +6,17 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES
-from softprompt.prompt import (
+from softprompt.core.prompt import (
     InitMethod,
     embed_ids,
     from_class_labels,
     from_embedded_text,
     from_sample_of_embeddings,
-    logits_at,
-    prepend,
     random_uniform,
 )
-from softprompt.tasks import TASKS
-from softprompt.train import COMMON_TOKENS, TrainConfig, initial_prompt
+from softprompt.core.forward import logits_at, prepend
+from softprompt.tasks.superglue import TASKS
+from softprompt.train.loop import COMMON_TOKENS, TrainConfig, initial_prompt
 
 
 def numbered_rows(n: int, hidden: int = 3) -> torch.Tensor:
@@ -102,7 +101,7 @@ def test_random_init_is_uniform_in_half_unit():
 def test_embed_ids_goes_through_the_embedding_module(tokenizer):
     """Gemma scales its embeddings by sqrt(hidden): reading `.weight` directly would be wrong by 4x here."""
     from conftest import TINY_CONFIGS
-    from softprompt.backbone import model_from_config
+    from softprompt.backbones.loading import model_from_config
 
     model = model_from_config(TINY_CONFIGS["gemma"], tokenizer).model
     ids = [5, 17, 5]

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES
-import softprompt.batch
-from softprompt.batch import Encoded, encode
-from softprompt.evaluate import score
-from softprompt.prompt import logits_at, output_logits, prepend
-from softprompt.tasks import get_task, load_examples
+import softprompt.data.batch
+from softprompt.data.batch import Encoded, encode
+from softprompt.eval.scoring import score
+from softprompt.core.forward import logits_at, output_logits, prepend
+from softprompt.tasks.superglue import get_task, load_examples
 
 
 def _concatenated(model, prompt, input_ids, attention_mask, rows, positions):
@@ -80,8 +80,8 @@ def test_several_prompts_score_as_each_alone(tiny_backbone, data_dir):
 def test_continuation_groups_match_naive(tiny_backbone, monkeypatch):
     """Many multi-token choices of different lengths, each length its own continuation pass (no
     padding allowed), several batches sharing one prompt cache: still the naive numbers."""
-    exact = softprompt.batch.cheapest_ranges
-    monkeypatch.setattr(softprompt.batch, "cheapest_ranges", lambda lengths, max_rows=None, pass_cost=0: exact(lengths, max_rows, 0))
+    exact = softprompt.data.batch.cheapest_ranges
+    monkeypatch.setattr(softprompt.data.batch, "cheapest_ranges", lambda lengths, max_rows=None, pass_cost=0: exact(lengths, max_rows, 0))
     generator = torch.Generator().manual_seed(1)
 
     def ids(n: int) -> list[int]:
@@ -92,7 +92,7 @@ def test_continuation_groups_match_naive(tiny_backbone, monkeypatch):
         for n, a, b, c in [(3, 6, 2, 5), (7, 4, 6, 3), (1, 3, 3, 1), (5, 1, 1, 6), (2, 2, 4, 3)]
     ]
     prompt = torch.randn(4, 16, generator=generator)
-    batch = softprompt.batch.score_batch(items, 0, tiny_backbone.tokenizer.pad_token_id)
+    batch = softprompt.data.batch.score_batch(items, 0, tiny_backbone.tokenizer.pad_token_id)
     assert len(batch.then.groups) > 2  # the path under test: several continuation passes
     scores = score(tiny_backbone, prompt, items, batch_size=2)
     torch.testing.assert_close(scores.logprobs[0], _naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)
@@ -108,7 +108,7 @@ def test_choices_sharing_tokens_match_naive(tiny_backbone):
         Encoded([15, 16], ([60, 61, 62, 65], [60, 61, 63, 64]), 1),
     ]
     prompt = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
-    batch = softprompt.batch.score_batch(items, 0, tiny_backbone.tokenizer.pad_token_id)
+    batch = softprompt.data.batch.score_batch(items, 0, tiny_backbone.tokenizer.pad_token_id)
     assert batch.then.contexts.tolist() == [4, 3, 2, 4]  # after the shared tokens
     scores = score(tiny_backbone, prompt, items, batch_size=3)
     torch.testing.assert_close(scores.logprobs[0], _naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)

@@ -17,10 +17,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save as st_save
 
-import softprompt.runs as runs
-import softprompt.train as train_module
+import softprompt.io.runs as runs
+import softprompt.train.loop as train_module
 from softprompt.cli import app
-from softprompt.runs import (
+from softprompt.io.runs import (
     CHECKPOINT_FILE,
     PROMPT_FILE,
     RUN_FILE,
@@ -36,7 +36,7 @@ from softprompt.runs import (
     save_checkpoint,
     save_prompt,
 )
-from softprompt.train import TrainConfig, TrainingDiverged, train
+from softprompt.train.loop import TrainConfig, TrainingDiverged, train
 
 from conftest import FIXTURE_DATA
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import softprompt.train as train_module
-from softprompt.backbone import load_backbone
+import softprompt.train.loop as train_module
+from softprompt.backbones.loading import load_backbone
 from softprompt.cli import app
-from softprompt.runs import CHECKPOINT_FILE, PROMPT_FILE, RUN_FILE, CheckpointError, load_checkpoint, load_prompt, read_run
-from softprompt.train import TrainConfig, train
+from softprompt.io.runs import CHECKPOINT_FILE, PROMPT_FILE, RUN_FILE, CheckpointError, load_checkpoint, load_prompt, read_run
+from softprompt.train.loop import TrainConfig, train
 
 from conftest import FIXTURE_DATA
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from softprompt.runs import (
+from softprompt.io.runs import (
     PROMPT_FILE,
     RUN_FILE,
     PromptFileError,

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from softprompt.backbone import DEFAULT_MODEL, load_backbone
-from softprompt.runs import PROMPT_FILE, RUN_FILE, load_prompt
-from softprompt.train import TrainConfig, train
+from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
+from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_prompt
+from softprompt.train.loop import TrainConfig, train
 
 
 @pytest.mark.slow

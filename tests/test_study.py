@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from conftest import FIXTURE_DATA
 from softprompt.cli import app
-from softprompt.report import FIGURES, write_report
-from softprompt.study import StudyConfig, run_study
+from softprompt.report.html import FIGURES, write_report
+from softprompt.study.pipeline import StudyConfig, run_study
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
 TABLES = ("accuracy", "ensemble", "stochasticity", "zero_shot", "runs", "similarity", "cosine", "similarity_centroids",

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, TINY_CONFIGS
-from softprompt.backbone import model_from_config
-from softprompt.batch import encode, train_batch
-from softprompt.runs import PROMPT_FILE, RUN_FILE, load_prompt
-from softprompt.tasks import TASKS, load_examples
-from softprompt.train import TrainConfig, TrainingDiverged, initial_prompt, loss_step, make_splits, train
+from softprompt.backbones.loading import model_from_config
+from softprompt.data.batch import encode, train_batch
+from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_prompt
+from softprompt.tasks.superglue import TASKS, load_examples
+from softprompt.train.loop import TrainConfig, TrainingDiverged, initial_prompt, loss_step, make_splits, train
 
 # 24 train rows per task in the fixture: a dev slice of 6, 18 left to train on.
 TINY = dict(num_tokens=4, lr=0.3, epochs=1, min_dev_examples=6, batch_size=8, device="cpu")

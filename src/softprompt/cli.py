@@ -13,13 +13,13 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from softprompt.backbone import DEFAULT_MODEL, load_backbone
-from softprompt.batch import encode
-from softprompt.evaluate import PromptMode, metrics, score
-from softprompt.prompt import embed_text
-from softprompt.runs import atomic_write_json, load_finished_run, load_prompt, read_run
-from softprompt.tasks import DATA_DIR_ENV, DataError, get_task, load_examples
-from softprompt.train import TrainConfig, TrainingDiverged, config_from_run, train
+from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
+from softprompt.data.batch import encode
+from softprompt.eval.scoring import PromptMode, metrics, score
+from softprompt.core.prompt import embed_text
+from softprompt.io.runs import atomic_write_json, load_finished_run, load_prompt, read_run
+from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
+from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
 
 
 def _click_type(annotation) -> tuple[object, bool]:
@@ -190,8 +190,8 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the table as JSON here.")
 def interpret_command(run_dir: Path, top_k: int, model: str | None, device: str, json_out: Path | None) -> None:
     """Nearest vocabulary tokens (cosine) of each prompt row, with persisted init tokens and scripts."""
-    from softprompt.interpret import format_table, interpret_run, rows_to_json
-    from softprompt.runs import read_run
+    from softprompt.analysis.interpret import format_table, interpret_run, rows_to_json
+    from softprompt.io.runs import read_run
 
     try:
         record = read_run(run_dir)
@@ -212,7 +212,7 @@ def interpret_command(run_dir: Path, top_k: int, model: str | None, device: str,
 @data_dir_option
 def study_command(config_path: Path, out: Path | None, quiet: bool, data_dir: Path | None) -> None:
     """Train every (task, seed) of a study config, then evaluate, analyse and write report.html (resumable)."""
-    from softprompt.study import StudyConfig, run_study
+    from softprompt.study.pipeline import StudyConfig, run_study
 
     try:
         config = StudyConfig.from_toml(config_path)
@@ -234,7 +234,7 @@ def study_command(config_path: Path, out: Path | None, quiet: bool, data_dir: Pa
 @click.argument("study_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 def report_command(study_dir: Path) -> None:
     """Rebuild report.html, the CSV tables and the figures of a study from its results.json (no training)."""
-    from softprompt.report import write_report
+    from softprompt.report.html import write_report
 
     try:
         click.echo(str(write_report(study_dir)))
@@ -247,7 +247,7 @@ def report_command(study_dir: Path) -> None:
 @click.argument("out_dir", type=click.Path(path_type=Path))
 def export_peft_command(run_dir: Path, out_dir: Path) -> None:
     """Write a run's prompt as a PEFT prompt-tuning adapter (PeftModel.from_pretrained reads it)."""
-    from softprompt.peft_adapter import export_peft
+    from softprompt.io.peft import export_peft
 
     try:
         config = export_peft(run_dir, out_dir)
@@ -261,7 +261,7 @@ def export_peft_command(run_dir: Path, out_dir: Path) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def import_peft_command(adapter_dir: Path, run_dir: Path) -> None:
     """Turn a PEFT prompt-tuning adapter into a run folder (evaluate --prompt also reads adapters directly)."""
-    from softprompt.peft_adapter import import_peft
+    from softprompt.io.peft import import_peft
 
     try:
         path = import_peft(adapter_dir, run_dir)

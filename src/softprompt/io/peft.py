@@ -16,7 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from softprompt.runs import (
+from softprompt.io.runs import (
     PICKLE_SUFFIXES,
     PROMPT_FILE,
     RUN_FILE,
@@ -28,7 +28,7 @@ from softprompt.runs import (
     read_run,
     save_prompt,
 )
-from softprompt.tasks import TASKS
+from softprompt.tasks.superglue import TASKS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

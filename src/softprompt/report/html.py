@@ -1,6 +1,6 @@
 """The study report: results.json in; CSV tables, PNG figures and one self-contained report.html out.
 
-Everything here reads files written by `softprompt.study`; nothing trains or scores, so
+Everything here reads files written by `softprompt.study.pipeline`; nothing trains or scores, so
 `softprompt report STUDY_DIR` rebuilds the report in seconds.
 """
 
@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from softprompt.runs import atomic_write_bytes  # noqa: E402
+from softprompt.io.runs import atomic_write_bytes  # noqa: E402
 
 REPORT_FILE = "report.html"
 FIGURES = ("tsne", "pca", "similarity", "transfer")

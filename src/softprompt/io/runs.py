@@ -140,7 +140,7 @@ def load_prompt(path: Path, hidden_size: int | None = None) -> tuple[Tensor, dic
     Raises:
         PromptFileError: missing, pickled, truncated or altered file, or a hidden-size mismatch.
     """
-    from softprompt.peft_adapter import is_adapter_dir, read_adapter  # lazy: peft_adapter imports this module
+    from softprompt.io.peft import is_adapter_dir, read_adapter  # lazy: peft_adapter imports this module
 
     if is_adapter_dir(path):  # a PEFT prompt-tuning adapter folder
         return read_adapter(path, hidden_size)

@@ -16,9 +16,9 @@ from sklearn.metrics import f1_score
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from softprompt.backbone import Backbone
-from softprompt.batch import Encoded, score_batch, sorted_chunks
-from softprompt.prompt import logits_at, prompt_keys_values
+from softprompt.backbones.loading import Backbone
+from softprompt.data.batch import Encoded, score_batch, sorted_chunks
+from softprompt.core.forward import logits_at, prompt_keys_values
 
 
 class PromptMode(str, Enum):

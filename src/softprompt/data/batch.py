@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from softprompt.prompt import Continuation
-from softprompt.tasks import Example
+from softprompt.core.forward import Continuation
+from softprompt.tasks.superglue import Example
 
 
 @dataclass(frozen=True)

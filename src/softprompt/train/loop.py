@@ -20,21 +20,21 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from softprompt.backbone import DEFAULT_MODEL, Backbone, load_backbone
-from softprompt.batch import Batch, Encoded, bucketed_batches, encode, train_batch
-from softprompt.evaluate import metrics, score
-from softprompt.interpret import nearest_tokens_in_model
-from softprompt.prompt import (
+from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone
+from softprompt.data.batch import Batch, Encoded, bucketed_batches, encode, train_batch
+from softprompt.eval.scoring import metrics, score
+from softprompt.analysis.interpret import nearest_tokens_in_model
+from softprompt.core.prompt import (
     InitMethod,
     embed_ids,
     embed_text,
     from_class_labels,
     from_embedded_text,
     from_sample_of_embeddings,
-    logits_at,
     random_uniform,
 )
-from softprompt.runs import (
+from softprompt.core.forward import logits_at
+from softprompt.io.runs import (
     CHECKPOINT_FILE,
     PROMPT_FILE,
     CheckpointError,
@@ -48,7 +48,7 @@ from softprompt.runs import (
     save_checkpoint,
     save_prompt,
 )
-from softprompt.tasks import Example, Task, get_task, load_examples, resolve_data_dir
+from softprompt.tasks.superglue import Example, Task, get_task, load_examples, resolve_data_dir
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RESUMABLE_CHANGES = ("checkpoint_every",)  # config fields a resumed run may change: none alters the result

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from softprompt.prompt import InitMethod
-from softprompt.runs import load_prompt, read_run
-from softprompt.tasks import get_task
+from softprompt.core.prompt import InitMethod
+from softprompt.io.runs import load_prompt, read_run
+from softprompt.tasks.superglue import get_task
 
 # First word of a Unicode character name -> script, where the two differ.
 SCRIPT_ALIASES = {"CJK": "Han", "IDEOGRAPHIC": "Han", "KANGXI": "Han", "FULLWIDTH": "Latin", "HALFWIDTH": "Katakana"}

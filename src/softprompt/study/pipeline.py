@@ -7,7 +7,7 @@ Layout of a study folder:
                             cached per-example scores of one prompt (or none / the text prompt) on one
                             task's eval set, keyed by the prompt's checksum and the eval set's fingerprint
     results.json            every number the report shows
-    report.html, *.csv, *.png   written by `softprompt.report` from results.json
+    report.html, *.csv, *.png   written by `softprompt.report.html` from results.json
 
 A run whose run.json says `done` is never retrained; anything else (missing, half-written,
 crashed) is retrained from scratch. Scores are recomputed only when the prompt or the eval set changed.
@@ -33,15 +33,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from softprompt import analysis
-from softprompt.backbone import DEFAULT_MODEL, Backbone, load_backbone
-from softprompt.batch import Encoded, encode
-from softprompt.evaluate import Scores, metrics, score
-from softprompt.interpret import interpret_prompt, rows_to_json, run_init_ids
-from softprompt.prompt import embed_text
-from softprompt.runs import RUN_FILE, atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
-from softprompt.tasks import get_task, load_examples
-from softprompt.train import TrainConfig, TrainingDiverged, train
+from softprompt.analysis import measures as analysis
+from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone
+from softprompt.data.batch import Encoded, encode
+from softprompt.eval.scoring import Scores, metrics, score
+from softprompt.analysis.interpret import interpret_prompt, rows_to_json, run_init_ids
+from softprompt.core.prompt import embed_text
+from softprompt.io.runs import RUN_FILE, atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
+from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.train.loop import TrainConfig, TrainingDiverged, train
 
 RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
@@ -339,7 +339,7 @@ def run_study(
     Returns:
         The results (also in `out_dir/results.json`).
     """
-    from softprompt.report import write_report  # the report reads results.json; imported late to keep matplotlib out of training
+    from softprompt.report.html import write_report  # the report reads results.json; imported late to keep matplotlib out of training
 
     out_dir = Path(out_dir)
     started = time.time()
