@@ -15,7 +15,8 @@ from click.core import ParameterSource
 
 from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
 from softprompt.data.batch import encode
-from softprompt.eval.scoring import PromptMode, metrics, score
+from softprompt.eval.scoring import PromptMode, score
+from softprompt.eval.task_metrics import task_metrics
 from softprompt.core.prompt import embed_text
 from softprompt.io.runs import atomic_write_json, load_finished_run, load_prompt, read_run
 from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
@@ -134,19 +135,23 @@ def _load_soft_prompt(path: Path, hidden_size: int | None = None):
     return load_prompt(path, hidden_size)
 
 
+TASK_HELP = "Built-in task (cb, rte, copa, wsc, wic, multirc, boolq; see `softprompt tasks`) or a task file (.yaml)."
+
+
 @app.command("evaluate")
-@click.option("--task", required=True, help="SuperGLUE task: cb, rte, copa or wsc.")
+@click.option("--task", required=True, help=TASK_HELP)
 @click.option("--prompt", "prompt_path", type=click.Path(path_type=Path), default=None, help="Run folder, prompt file or PEFT adapter folder.")
 @click.option("--no-prompt", is_flag=True, help="Zero-shot: no prompt at all.")
 @click.option("--text-prompt", is_flag=True, help="The task's discrete good-prompt text, as token embeddings.")
 @click.option("--model", default=None, help=f"Backbone (default: the prompt's model, else {DEFAULT_MODEL}).")
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N examples of the split.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Most examples per forward.")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON here.")
 @data_dir_option
-def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, batch_size, max_length, device, out, data_dir):
+def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, limit, batch_size, max_length, device, out, data_dir):
     """Evaluate a prompt (or no prompt, or the text prompt) on a task: accuracy and exact match."""
     if sum([prompt_path is not None, no_prompt, text_prompt]) != 1:
         _fail("give exactly one of --prompt RUN_DIR, --no-prompt, --text-prompt")
@@ -163,8 +168,9 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
             prompt = embed_text(backbone.model, backbone.tokenizer, task_.init_text)
         else:
             prompt = None
-        items = [encode(backbone.tokenizer, e, max_length) for e in load_examples(task_, split, data_dir)]
-        result = metrics(score(backbone, prompt, items, batch_size, progress=True))
+        examples = load_examples(task_, split, data_dir)[:limit]
+        items = [encode(backbone.tokenizer, e, max_length) for e in examples]
+        result = task_metrics(score(backbone, prompt, items, batch_size, progress=True), examples)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
     result = {"task": task_.name, "split": split, "mode": mode.value, "model": backbone.name, **result}
@@ -175,8 +181,39 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
         f"{result['task']:<6} {result['mode']:<5} {split:<5} {result['n']:>5} {result['accuracy']:>9.1f} "
         f"{result['exact_match']:>7.1f} {result['macro_f1']:>9.1f}"
     )
+    if "f1a" in result:  # grouped tasks (MultiRC): SuperGLUE's answer F1 and question exact match
+        click.echo(f"F1a {result['f1a']:.1f} over {result['n']} answers, EM {result['em']:.1f} over {result['groups']} questions")
     if out is not None:
         atomic_write_json(out, result)
+
+
+@app.command("tasks")
+@click.argument("task_files", nargs=-1, type=click.Path(path_type=Path, dir_okay=False))
+@data_dir_option
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the table as JSON here.")
+def tasks_command(task_files: tuple[Path, ...], data_dir: Path | None, json_out: Path | None) -> None:
+    """List the built-in tasks (or the given task files): splits, sizes, choices and the val majority-class rate."""
+    from softprompt.tasks.superglue import TASKS, task_summary
+
+    try:
+        tasks = [get_task(str(path)) for path in task_files] if task_files else list(TASKS.values())
+        rows = [task_summary(task, data_dir) for task in tasks]
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"{'task':<8} {'type':<15} {'train':>6} {'val':>6} {'majority':>9}  choices")
+    for row in rows:
+        sizes = [row["splits"][s] for s in ("train", "val")]
+        cells = ["-" if n is None else "?" if isinstance(n, str) else str(n) for n in sizes]
+        majority = "-" if row["majority_class"] is None else f"{row['majority_class']:.1f}"
+        choices = row["choices"] if isinstance(row["choices"], str) else " |".join(row["choices"]).replace("\n", "\\n")
+        click.echo(f"{row['task']:<8} {row['output_type']:<15} {cells[0]:>6} {cells[1]:>6} {majority:>9}  {choices}")
+        for split, n in row["splits"].items():
+            if isinstance(n, str):
+                click.echo(f"  {split}: {n}", err=True)
+        for note in row["notes"]:
+            click.echo(f"  note: {note}")
+    if json_out is not None:
+        atomic_write_json(json_out, {"tasks": rows})
 
 
 # --- interpret, study, report ------------------------------------------------------------------

@@ -48,3 +48,39 @@ def load_examples(task: Task, split: str, data_dir: str | Path | None = None) ->
     if split == "test" and task.dataset_path == SUPERGLUE_RELEASE:
         raise DataError("the SuperGLUE test split has no labels; use 'train' or 'val'")
     return load_task_examples(task, split, data_dir)
+
+
+def majority_rate(examples: list[Example]) -> float:
+    """Accuracy of always answering the most common label, in percent."""
+    counts: dict[int, int] = {}
+    for e in examples:
+        counts[e.label] = counts.get(e.label, 0) + 1
+    return 100.0 * max(counts.values()) / len(examples)
+
+
+def task_summary(task: Task, data_dir: str | Path | None = None) -> dict:
+    """Name, file, output type, examples per split (None: no such split; a string: why it cannot be read),
+    the fixed choices (or "per example"), the val split's majority-class rate and the task's notes."""
+    sizes, majority = {}, None
+    for split in ("train", "val"):
+        if task.splits[split] is None:
+            sizes[split] = None
+            continue
+        try:
+            examples = load_examples(task, split, data_dir)
+        except DataError as e:
+            sizes[split] = f"unreadable ({e})"
+            continue
+        sizes[split] = len(examples)
+        if split == "val" and task.output_type.value == "multiple_choice":
+            majority = majority_rate(examples)
+    choices = task.choice_list
+    return {
+        "task": task.name,
+        "file": str(task.source),
+        "output_type": task.output_type.value,
+        "splits": sizes,
+        "choices": list(choices) if choices else "per example",
+        "majority_class": majority,
+        "notes": list(task.notes),
+    }

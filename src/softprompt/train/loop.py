@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone
 from softprompt.data.batch import Batch, Encoded, bucketed_batches, encode, train_batch
 from softprompt.eval.scoring import metrics, score
+from softprompt.eval.task_metrics import task_metrics
 from softprompt.analysis.interpret import nearest_tokens_in_model
 from softprompt.core.prompt import (
     InitMethod,
@@ -254,6 +255,7 @@ def train(
         "config": config.to_json(),
         "init_ids": init_ids,
         "data": data,
+        **({"task_notes": list(task.notes)} if task.notes else {}),  # defaults the task file left to softprompt
         "provenance": provenance(),
         "resumed_at_step": [*read_run(out_dir).get("resumed_at_step", []), state.step] if resume else [],
         "history": state.history,  # the same list `end_epoch` appends to
@@ -301,7 +303,7 @@ def train(
     record["best_epoch"] = state.best_epoch
     # the saved prompt was scored on dev when it was best; checkpoints from before best_dev existed rescore it
     record["dev"] = state.best_dev or metrics(score(backbone, best.to(device), dev_items, config.eval_batch_size))
-    record["val"] = metrics(score(backbone, best.to(device), val_items, config.eval_batch_size))
+    record["val"] = task_metrics(score(backbone, best.to(device), val_items, config.eval_batch_size), splits.val)
     record["steps"] = state.step
     record["wall_s"] = round(time.time() - started, 1)
     record["status"] = "done"
