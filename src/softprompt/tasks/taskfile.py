@@ -134,7 +134,8 @@ class Task:
         if isinstance(choices, dict):
             choices = list(choices.values())
         if not isinstance(choices, (list, tuple)) or not choices or not all(isinstance(c, str) for c in choices):
-            raise DataError(f"doc_to_choice gave {short(choices)}; it must give a non-empty list of strings ({self.source})")
+            hint = "; YAML reads unquoted no/yes/on/off/true/false as booleans: quote them" if isinstance(choices, list) and any(isinstance(c, bool) for c in choices) else ""
+            raise DataError(f"doc_to_choice gave {short(choices)}; it must give a non-empty list of strings ({self.source}){hint}")
         return Example(text, tuple(self.target_delimiter + c for c in choices), self._target_index(target, list(choices)), group)
 
     def _target_index(self, target: object, choices: list[str]) -> int:
@@ -182,11 +183,16 @@ class Task:
                 f"{key} in {self.source} uses {missing!r}, which this row does not have (its fields: {', '.join(sorted(doc))})"
             ) from None
         except Exception as e:  # noqa: BLE001 - a template can raise anything (a bad slice, a division); name it
-            raise DataError(f"{key} in {self.source} failed on this row ({type(e).__name__}: {short(str(e), 200)})") from None
+            raise DataError(f"{key} in {self.source} failed on this row ({type(e).__name__}: {clip(str(e))})") from None
 
 
 JINJA = jinja2.Environment(loader=jinja2.BaseLoader(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)  # lm-eval's settings
 JINJA.filters["regex_replace"] = lambda string, pattern, repl, count=0: re.sub(pattern, repl, string, count=count)
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters (an exception's message, shown as it is, not as a repr)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def compile_template(source: str, key: str, path: Path) -> jinja2.Template:
@@ -215,7 +221,7 @@ def _call(function: FunctionRef, doc: object, key: str, path: Path) -> object:
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - user code can raise anything; say which function and what
-        raise DataError(f"{key} (!function {function.name} in {path}) raised {type(e).__name__}: {short(str(e), 200)}") from None
+        raise DataError(f"{key} (!function {function.name} in {path}) raised {type(e).__name__}: {clip(str(e))}") from None
 
 
 def check_fields(row: dict, fields: dict[str, type]) -> None:
@@ -264,7 +270,7 @@ def import_function(dotted: str, path: Path) -> FunctionRef:
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - importing user code can raise anything
-        raise TaskFileError(f"{path}: !function {dotted}: importing {module_path} raised {type(e).__name__}: {short(str(e), 200)}") from None
+        raise TaskFileError(f"{path}: !function {dotted}: importing {module_path} raised {type(e).__name__}: {clip(str(e))}") from None
     function = getattr(module, name, None)
     if not callable(function):
         names = [n for n in vars(module) if callable(vars(module)[n]) and not n.startswith("_")]
@@ -288,7 +294,7 @@ def read_task_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     try:
         config = yaml.load(path.read_text(encoding="utf-8"), Loader=_function_loader(path))  # noqa: S506 - a SafeLoader plus !function
     except yaml.YAMLError as e:
-        raise TaskFileError(f"{path}: not valid YAML ({short(str(e), 300)})") from None
+        raise TaskFileError(f"{path}: not valid YAML ({clip(str(e), 300)})") from None
     except UnicodeDecodeError as e:
         raise TaskFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(config, dict):
@@ -484,7 +490,7 @@ def _load_dataset(task: Task, name: str):
         return datasets.load_dataset(source, task.dataset_name, split=name, **kwargs)
     except (KeyError, ValueError, FileNotFoundError, ConnectionError, OSError) as e:
         raise DataError(
-            f"task {task.name}: cannot load split {name!r} of {task.dataset_path!r} ({type(e).__name__}: {short(str(e), 300)}); "
+            f"task {task.name}: cannot load split {name!r} of {task.dataset_path!r} ({type(e).__name__}: {clip(str(e), 300)}); "
             f"check dataset_path and the split keys in {task.source} (a hub id needs a connection: use a local file or folder offline)"
         ) from None
 
