@@ -209,7 +209,7 @@ def test_missing_function_file_and_missing_function(tmp_path):
 
 def test_a_raising_function_is_named_with_its_row(tmp_path):
     path = write_task(tmp_path, COPA_YAML.replace("rows.choices", "rows.broken"))
-    with pytest.raises(DataError, match=r"val\.jsonl row 0: doc_to_choice \(!function rows\.broken in .*task\.yaml\) raised KeyError: \"'no such field'\""):
+    with pytest.raises(DataError, match=r"val\.jsonl row 0: doc_to_choice \(!function rows\.broken in .*task\.yaml\) raised KeyError: 'no such field'"):
         load_examples(get_task(str(path)), "val")
     path = write_task(tmp_path, rows_py="raise RuntimeError('half-written module')\n")
     with pytest.raises(TaskFileError, match=r"importing .*rows\.py raised RuntimeError: half-written module"):
