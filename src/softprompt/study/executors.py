@@ -76,18 +76,24 @@ class ExecutorConfig:
             raise ValueError(f"{flag} needs --executor ray; the local executor trains on --device")
 
     def num_workers(self, num_runs: int, device: str) -> int:
-        """Runs at once: `workers`, or for auto one per `THREADS_PER_AUTO_WORKER` cores (memory allowing) on CPU, 1 on a GPU."""
+        """Runs at once. auto: under Ray every run (Ray schedules them by --cpus-per-run / --gpus-per-run);
+        locally one run per `THREADS_PER_AUTO_WORKER` cores (memory allowing) on CPU, and 1 on a GPU."""
         if self.workers != "auto":
             return int(self.workers)
-        if self.executor is ExecutorKind.LOCAL and resolve_device(device).type != "cpu":
+        if self.executor is ExecutorKind.RAY:
+            return num_runs
+        if resolve_device(device).type != "cpu":
             return 1  # one process owns the GPU; runs at once would contend for it
         per_worker = self.cpus_per_run or THREADS_PER_AUTO_WORKER
         return max(1, min(num_runs, cpu_count() // per_worker, memory_bytes() // MEMORY_PER_WORKER_BYTES))
 
     def threads_per_run(self, workers: int) -> int | None:
-        """Torch threads of each run: `cpus_per_run`, or the cores shared out; None keeps torch's default (1 worker)."""
+        """Torch threads of each run: `cpus_per_run`, else the cores shared out (Ray: 1 unless told);
+        None keeps torch's default (one local worker: today's behaviour)."""
         if self.cpus_per_run is not None:
             return self.cpus_per_run
+        if self.executor is ExecutorKind.RAY:
+            return THREADS_PER_AUTO_WORKER if self.workers == "auto" else max(1, cpu_count() // workers)
         return None if workers == 1 else max(1, cpu_count() // workers)
 
 
@@ -204,7 +210,7 @@ def _run_in_processes(jobs: list[RunJob], executor: ExecutorConfig, workers: int
     pending, attempts = list(jobs), {job.name: 0 for job in jobs}
     echo(f"training {len(jobs)} runs on {workers} local worker processes ({jobs[0].threads} torch threads each)")
     while pending:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(train_run, job): job for job in pending}
             broken = []
             while futures:
@@ -232,13 +238,14 @@ def _run_on_ray(jobs: list[RunJob], executor: ExecutorConfig, workers: int, echo
     started = not ray.is_initialized()
     if started:
         t0 = time.time()
-        if executor.ray_address is None:  # a local Ray with room for `workers` runs
-            ray.init(num_cpus=workers * (jobs[0].threads or 1), num_gpus=None, include_dashboard=False, log_to_driver=False)
+        if executor.ray_address is None:  # a local Ray: room for `workers` runs, or all the cores for auto
+            cpus = None if executor.workers == "auto" else workers * jobs[0].threads
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=executor.ray_address, log_to_driver=False)
         echo(f"ray: connected in {time.time() - t0:.1f} s to {ray.get_runtime_context().gcs_address}")
     task = ray.remote(
-        num_cpus=jobs[0].threads or 1, num_gpus=executor.gpus_per_run, max_retries=executor.max_retries, retry_exceptions=False
+        num_cpus=jobs[0].threads, num_gpus=executor.gpus_per_run, max_retries=executor.max_retries, retry_exceptions=False
     )(train_run)
     outcomes: dict[str, RunOutcome] = {}
     waiting, in_flight = list(jobs), {}
