@@ -20,6 +20,7 @@ from softprompt.core.prompt import embed_text
 from softprompt.io.runs import atomic_write_json, read_run
 from softprompt.io.sources import load_prompt_source
 from softprompt.study.executors import ExecutorConfig
+from softprompt.serve.config import ServeConfig
 from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
 from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
 
@@ -264,6 +265,19 @@ def import_peft_command(adapter_dir: Path, run_dir: Path) -> None:
     except (ValueError, OSError) as e:
         _fail(str(e))
     click.echo(f"imported {adapter_dir} -> {path}")
+
+
+@app.command("serve")
+@click.option("--prompt", "prompts", multiple=True, metavar="NAME=RUN_DIR_OR_PEFT_ADAPTER", help="A prompt to serve under NAME (repeat the flag for more).")
+@options_from(ServeConfig)
+def serve_command(prompts: tuple[str, ...], **fields) -> None:
+    """Serve a bank of prompts on one frozen model over HTTP: /v1/classify, /v1/completions, /v1/models."""
+    from softprompt.serve.server import serve
+
+    try:
+        serve(fields, list(prompts), echo=lambda line: click.echo(line, err=True))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
 
 
 def main() -> None:  # pragma: no cover
