@@ -208,7 +208,7 @@ def test_config_rejects_unknown_task_and_init():
         TrainConfig(task="record")
     with pytest.raises(ValueError, match=r"--task boolq: task boolq has no train split: .*boolq\.yaml sets no training_split"):
         TrainConfig(task="boolq")  # evaluation only: the release here has no BoolQ/train.jsonl
-    with pytest.raises(ValueError, match="--init must be one of text, class-labels, vocab, random, got 'words'"):
+    with pytest.raises(ValueError, match="--init must be one of text, class-labels, vocab, random, prompt, got 'words'"):
         TrainConfig(task="cb", init="words")
 
 

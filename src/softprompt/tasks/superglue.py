@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from softprompt.tasks.data import DATA_DIR_ENV, DataError, Example, read_jsonl, resolve_data_dir  # noqa: F401 - re-exported
+from softprompt.tasks.data import DATA_DIR_ENV, DataError, Example, read_jsonl, require, resolve_data_dir, short  # noqa: F401 - re-exported
 from softprompt.tasks.taskfile import SUPERGLUE_RELEASE, Task, TaskFileError, load_task_examples, load_task_file  # noqa: F401
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"

@@ -88,7 +88,7 @@ class Task:
     process_docs: FunctionRef | None
     init_text: str
     label_words: tuple[str, ...]
-    labels: tuple | None  # raw target values in choice order: index i <-> choices[i]
+    label_values: tuple | None  # the `labels` key: raw target values in choice order, index i <-> choices[i]
     fields: dict[str, type]  # "a" or "a.b" -> the JSON type every raw row must have there
     group_by: str | None
     until: tuple[str, ...]  # generate_until: stop strings
@@ -100,6 +100,13 @@ class Task:
     def folder(self) -> str | None:
         """The task's folder in the SuperGLUE release (its `dataset_name`), for `superglue-release` tasks."""
         return self.dataset_name if self.dataset_path == SUPERGLUE_RELEASE else None
+
+    @property
+    def labels(self) -> tuple:
+        """Raw label values in choice order: the `labels` key, else the indices of the fixed choices."""
+        if self.label_values is not None:
+            return self.label_values
+        return tuple(range(len(self.choice_list))) if self.choice_list else ()
 
     @property
     def choice_list(self) -> tuple[str, ...] | None:
@@ -139,11 +146,11 @@ class Task:
         return Example(text, tuple(self.target_delimiter + c for c in choices), self._target_index(target, list(choices)), group)
 
     def _target_index(self, target: object, choices: list[str]) -> int:
-        if self.labels is not None:  # raw values in choice order, matched type-exactly (True is not 1)
-            for i, known in enumerate(self.labels):
+        if self.label_values is not None:  # raw values in choice order, matched type-exactly (True is not 1)
+            for i, known in enumerate(self.label_values):
                 if type(target) is type(known) and target == known:
                     return i
-            raise DataError(f"unknown label {short(target)} for task {self.name}; expected one of {list(self.labels)}")
+            raise DataError(f"unknown label {short(target)} for task {self.name}; expected one of {list(self.label_values)}")
         if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(choices):
             return target
         if isinstance(target, str) and target in choices:
@@ -381,7 +388,7 @@ def load_task_file(path: str | Path) -> Task:
         process_docs=config.get("process_docs"),
         init_text=init_text,
         label_words=label_words,
-        labels=None if config.get("labels") is None else tuple(config["labels"]),
+        label_values=None if config.get("labels") is None else tuple(config["labels"]),
         fields=_fields(config.get("fields") or {}, path),
         group_by=config.get("group_by"),
         until=tuple([until] if isinstance(until, str) else until),
