@@ -16,6 +16,7 @@ from click.core import ParameterSource
 from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import PromptMode, score
+from softprompt.eval.generation import generate_texts, generation_metrics
 from softprompt.eval.task_metrics import task_metrics
 from softprompt.core.prompt import embed_text
 from softprompt.io.runs import atomic_write_json, read_run
@@ -164,6 +165,9 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, li
         examples = load_examples(task_, split, data_dir)[:limit]
         items = [encode(backbone.tokenizer, e, max_length) for e in examples]
         result = task_metrics(score(backbone, prompt, items, batch_size, progress=True), examples)
+        if task_.output_type.value == "generate_until":  # greedy decoding, compared with the target
+            texts = generate_texts(backbone, prompt, [e.text for e in examples], task_.max_gen_toks, task_.until, max_length, batch_size)
+            result |= generation_metrics(texts, examples, task_.target_delimiter)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
     result = {"task": task_.name, "split": split, "mode": mode.value, "model": backbone.name, **result}
@@ -178,6 +182,43 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, li
         click.echo(f"F1a {result['f1a']:.1f} over {result['n']} answers, EM {result['em']:.1f} over {result['groups']} questions")
     if out is not None:
         atomic_write_json(out, result)
+
+
+@app.command("generate")
+@click.option("--prompt", "prompt_path", type=click.Path(path_type=Path), default=None, help="Run folder, PEFT adapter folder or prompt file.")
+@click.option("--no-prompt", is_flag=True, help="No prompt at all.")
+@click.option("--text", "texts", multiple=True, help="Text to continue (repeatable).")
+@click.option("--task", default=None, help=TASK_HELP + " Continue its examples instead of --text.")
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=5, show_default=True, help="Examples of --task to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the task's max_gen_toks, else 32.")
+@click.option("--model", default=None, help=f"Backbone (default: the prompt's model, else {DEFAULT_MODEL}).")
+@click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@data_dir_option
+def generate_command(prompt_path, no_prompt, texts, task, split, limit, max_new_tokens, model, max_length, device, data_dir):
+    """Print what the prompted model writes (greedy) after each --text, or after --task's examples."""
+    if (prompt_path is None) == (not no_prompt):
+        _fail("give exactly one of --prompt RUN_DIR, --no-prompt")
+    if bool(texts) == (task is not None):
+        _fail('give --text "..." (repeatable) or --task T, not both')
+    try:
+        task_ = get_task(task) if task else None
+        examples = load_examples(task_, split, data_dir)[:limit] if task_ else []
+        source = load_prompt_source(prompt_path) if prompt_path is not None else None
+        backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device)
+        prompt = None if source is None else load_prompt_source(prompt_path, hidden_size=backbone.hidden_size).prompt
+        until = task_.until if task_ else ("\n\n",)
+        new = max_new_tokens or (task_.max_gen_toks if task_ else 32)
+        outputs = generate_texts(backbone, prompt, list(texts) or [e.text for e in examples], new, until, max_length)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    for i, output in enumerate(outputs):
+        if examples:
+            target = examples[i].choices[examples[i].label].strip()
+            click.echo(f"[{i}] {examples[i].text!r}\n  -> {output!r}  (target {target!r})")
+        else:
+            click.echo(output)
 
 
 @app.command("tasks")
