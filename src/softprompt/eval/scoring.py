@@ -170,7 +170,10 @@ def score_mixed(
     chunks = [[group[i] for i in chunk] for group in groups for chunk in sorted_chunks([items[i] for i in group], batch_size)]
     for chunk in tqdm(chunks, desc="scoring", disable=not progress, leave=False):
         batch = build([items[i] for i in chunk], 0, pad_id).to(device)
-        cache, prompt_mask = mixed_prompt_cache(prompt_caches, [prompt_of[i] for i in chunk])
+        if shared:
+            cache, prompt_mask = mixed_prompt_cache(prompt_caches, [prompt_of[i] for i in chunk])
+        else:  # one prompt in the batch, and whole rows (several a item): its own cache, broadcast
+            cache, prompt_mask = prompt_caches[prompt_of[chunk[0]]], None
         logits = logits_at(
             model, None, batch.input_ids, batch.attention_mask, batch.rows, batch.positions, batch.then, cache, prompt_mask
         )  # [N, V]
