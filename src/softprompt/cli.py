@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
+from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, load_backbone
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import PromptMode, metrics, score
 from softprompt.core.prompt import embed_text
@@ -144,9 +144,10 @@ def _load_soft_prompt(path: Path, hidden_size: int | None = None):
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Most examples per forward.")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True, help="Backbone weights (auto: bf16 on a CUDA GPU with bf16, else float32).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON here.")
 @data_dir_option
-def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, batch_size, max_length, device, out, data_dir):
+def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, batch_size, max_length, device, dtype, out, data_dir):
     """Evaluate a prompt (or no prompt, or the text prompt) on a task: accuracy and exact match."""
     if sum([prompt_path is not None, no_prompt, text_prompt]) != 1:
         _fail("give exactly one of --prompt RUN_DIR, --no-prompt, --text-prompt")
@@ -156,7 +157,7 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
         metadata = {}
         if prompt_path is not None:
             prompt, metadata = _load_soft_prompt(prompt_path)
-        backbone = load_backbone(model or metadata.get("model", DEFAULT_MODEL), device)
+        backbone = load_backbone(model or metadata.get("model", DEFAULT_MODEL), device, dtype)
         if mode is PromptMode.SOFT:
             prompt, _ = _load_soft_prompt(prompt_path, hidden_size=backbone.hidden_size)
         elif mode is PromptMode.TEXT:
@@ -167,7 +168,7 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
         result = metrics(score(backbone, prompt, items, batch_size, progress=True))
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
-    result = {"task": task_.name, "split": split, "mode": mode.value, "model": backbone.name, **result}
+    result = {"task": task_.name, "split": split, "mode": mode.value, "model": backbone.name, "dtype": backbone.dtype, **result}
     if prompt_path is not None:
         result["prompt"] = str(prompt_path)
     click.echo(f"{'task':<6} {'mode':<5} {'split':<5} {'n':>5} {'accuracy':>9} {'exact':>7} {'macro-F1':>9}")

@@ -46,7 +46,7 @@ from softprompt.train.loop import TrainConfig, TrainingDiverged, train
 RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
 PER_RUN_KEYS = ("task", "seed")  # set by the study for each run, not in the config file
-SHARED_KEYS = ("model", "num_tokens", "device")  # one backbone, prompts of one shape: never set per task
+SHARED_KEYS = ("model", "num_tokens", "device", "dtype")  # one backbone, prompts of one shape: never set per task
 RESULT_NEUTRAL_KEYS = ("device", "eval_batch_size")  # a finished run with other values still counts as the same run
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN_KEYS)
 PER_TASK_KEYS = tuple(k for k in TRAIN_KEYS if k not in SHARED_KEYS)
@@ -301,7 +301,7 @@ def cached_scores(
     """
     items_key = fingerprint(items)
     keys = {
-        s: {"model": backbone.name, "task": task, "items": items_key, "prompt": None if p is None else tensor_sha256(p)}
+        s: {"model": backbone.name, "dtype": backbone.dtype, "task": task, "items": items_key, "prompt": None if p is None else tensor_sha256(p)}
         for s, p in sources.items()
     }
     found = {s: _load_cached(_cache_path(out_dir, s, task), keys[s]) for s in sources}
@@ -344,7 +344,7 @@ def run_study(
     out_dir = Path(out_dir)
     started = time.time()
     atomic_write_json(out_dir / STUDY_FILE, config.to_json())
-    backbone = backbone or load_backbone(config.model, config.train.get("device", "auto"))
+    backbone = backbone or load_backbone(config.model, config.train.get("device", "auto"), config.train.get("dtype", "auto"))
     statuses = train_all(config, out_dir, backbone, data_dir, progress, echo)
     analysis_started = time.time()
     results = analyse(config, out_dir, backbone, data_dir, statuses, echo, progress)

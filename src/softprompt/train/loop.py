@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone
+from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, Backbone, load_backbone
 from softprompt.data.batch import Batch, Encoded, bucketed_batches, encode, train_batch
 from softprompt.eval.scoring import metrics, score
 from softprompt.analysis.interpret import nearest_tokens_in_model
@@ -92,6 +92,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("Seed for init, data order and everything else random in training."))
     data_seed: int = field(default=0, metadata=_help("Seed for the dev split and train subsample (fixed across seeds)."))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
+    dtype: str = field(
+        default="auto", metadata=_help("Backbone weights: auto (bf16 on a CUDA GPU with bf16, else float32), float32, bfloat16, float16.")
+    )
     checkpoint_every: int | None = field(
         default=None, metadata=_help("Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch end).")
     )
@@ -111,6 +114,8 @@ class TrainConfig:
         for name in ("seed", "data_seed"):
             if not 0 <= getattr(self, name) < 2**32:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 2**32 - 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--dtype {self.dtype!r} is not a dtype; use one of {', '.join(DTYPE_CHOICES)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"--device {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
         for name in ("max_steps", "max_train_examples", "checkpoint_every"):
@@ -194,6 +199,7 @@ class Progress:
     best_dev: dict | None = None  # dev metrics of the best epoch's prompt (the one saved)
     stopped: bool = False  # early stopping or --max-steps ended training
     history: list[dict] = field(default_factory=list)
+    dtype: str | None = None  # the weights' dtype the run trains in (resume refuses another; see check_resume_dtype)
 
 
 def train(
@@ -228,7 +234,9 @@ def train(
     check_run_dir(out_dir, config, data, resume)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    backbone = backbone or load_backbone(config.model, config.device)
+    backbone = backbone or load_backbone(config.model, config.device, config.dtype)
+    if resume:
+        check_resume_dtype(out_dir, backbone.dtype)
     splits = make_splits(task, config, data_dir)
     tokenizer, device, pad_id = backbone.tokenizer, backbone.device, backbone.tokenizer.pad_token_id
     train_items = [encode(tokenizer, e, config.max_length) for e in splits.train]
@@ -239,14 +247,16 @@ def train(
     # Every init but random starts each row on a token's embedding: which one is what "persisted" is measured against.
     init_ids = None if config.init is InitMethod.RANDOM else nearest_tokens_in_model(backbone.model, prompt.detach(), 1)[1][:, 0].tolist()
     optimizer = torch.optim.AdamW([prompt], lr=config.lr, weight_decay=config.weight_decay)
-    header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed)}
+    header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed), "dtype": backbone.dtype}
     checkpoint = out_dir / CHECKPOINT_FILE
     state = start_or_resume(out_dir, resume, prompt, optimizer, generator, header)
+    state.dtype = backbone.dtype
     data.update(train=len(train_items), dev=len(dev_items), val=len(val_items), early_stop_on=config.early_stop_on.value)
     record = {
         "status": "running",
         "task": task.name,
         "model": backbone.name,
+        "dtype": backbone.dtype,  # the weights' (what --dtype auto resolved to); the prompt is always float32
         "config": config.to_json(),
         "init_ids": init_ids,
         "data": data,
@@ -441,6 +451,20 @@ def check_run_dir(out_dir: Path, config: TrainConfig, data: dict, resume: bool) 
                 f"cannot resume {out_dir}: the {key.split('_')[0]} data in {data['dir']} changed since the run started "
                 f"(sha256 {old.get(key)} -> {data[key]}); resume with the original data (--data-dir)"
             )
+
+
+def check_resume_dtype(out_dir: Path, dtype: str) -> None:
+    """Refuse to resume a run in another weight dtype than it started in (`auto` may resolve differently here).
+
+    Raises:
+        ValueError: naming both dtypes.
+    """
+    started = read_run(out_dir).get("dtype")
+    if started is not None and started != dtype:
+        raise ValueError(
+            f"cannot resume {out_dir}: it was trained with {started} weights, and this backbone is {dtype}; "
+            f"resume with --dtype {started}"
+        )
 
 
 def config_from_run(run_dir: Path) -> TrainConfig:
