@@ -270,26 +270,28 @@ def train(
         epoch_rng = generator.get_state()  # the epoch's batch order is a function of this state
         batches = bucketed_batches(train_items, config.batch_size, generator)
         bar = tqdm(total=len(batches), initial=state.batch, desc=f"{task.name} epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        tokens, epoch_start = 0, time.time()
+        tokens, epoch_start, pending = 0, time.time(), None
         for i in range(state.batch, len(batches)):
-            batch = train_batch([train_items[j] for j in batches[i]], pad_id).to(device)
-            loss = loss_step(backbone, prompt, batch)
-            value = loss.item()  # the one host sync of the step
+            batch = train_batch([train_items[j] for j in batches[i]], pad_id)
+            tokens += batch.num_tokens  # counted on the host, before the batch moves
+            loss = loss_step(backbone, prompt, batch.to(device))
+            value = read_step(record, out_dir, pending, loss)  # the one host sync of the step
             if not math.isfinite(value):
                 _diverged(record, out_dir, f"loss is {value} at epoch {state.epoch + 1}, step {state.step + 1}")
             (loss / config.grad_accum).backward()
             state.epoch_loss += value
-            tokens += batch.num_tokens
             bar.update()
             if (i + 1) % config.grad_accum != 0 and i + 1 != len(batches):
                 continue
-            optimizer_step(prompt, optimizer, config.max_grad_norm, record, out_dir, state)
+            pending = (optimizer_step(prompt, optimizer, config.max_grad_norm), f"epoch {state.epoch + 1}, step {state.step + 1}")
             state.step, state.batch = state.step + 1, i + 1
             bar.set_postfix(step=state.step, loss=f"{value:.3f}")
             if config.max_steps is not None and state.step >= config.max_steps:
                 break
             if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < len(batches):
+                pending = read_step(record, out_dir, pending)  # never checkpoint a step that went wrong
                 save_training_checkpoint(checkpoint, prompt, optimizer, epoch_rng, state)
+        read_step(record, out_dir, pending)
         bar.close()
         dev = metrics(score(backbone, prompt.detach(), dev_items, config.eval_batch_size))
         if not math.isfinite(dev["loss"]):
@@ -332,19 +334,42 @@ def start_or_resume(
     return Progress()
 
 
-def optimizer_step(
-    prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer, max_grad_norm: float | None, record: dict, out_dir: Path, state: Progress
-) -> None:
-    """Clip, check the gradient is finite, step, and check the prompt stayed finite."""
-    where = f"epoch {state.epoch + 1}, step {state.step + 1}"
+STEP_FAULTS = {1: "gradient is not finite at {where}", 2: "the prompt became non-finite at {where}; lower --lr or set --max-grad-norm"}
+
+
+def optimizer_step(prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> Tensor:
+    """Clip and step; return the step's fault code on the device (0: fine, else a key of `STEP_FAULTS`).
+
+    The code is not read here (that would sync the host with the device every step): `read_step`
+    reads it with the next loss, and before anything is saved, so a bad step is never checkpointed.
+    """
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([prompt], max_grad_norm)
-    if not torch.isfinite(prompt.grad).all():
-        _diverged(record, out_dir, f"gradient is not finite at {where}")
+    bad_grad = ~torch.isfinite(prompt.grad).all()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(prompt).all():
-        _diverged(record, out_dir, f"the prompt became non-finite at {where}; lower --lr or set --max-grad-norm")
+    bad_prompt = ~torch.isfinite(prompt).all()
+    return torch.where(bad_grad, 1, torch.where(bad_prompt, 2, 0))
+
+
+def read_step(record: dict, out_dir: Path, pending: tuple[Tensor, str] | None, loss: Tensor | None = None):
+    """One host read: the last optimizer step's fault code (`pending`: code, where) and `loss`, together.
+
+    Returns:
+        the loss as a float if given, else None (nothing pending any more).
+
+    Raises:
+        TrainingDiverged: the pending step's gradient or prompt was not finite.
+    """
+    values = [] if loss is None else [loss.detach().float()]
+    if pending is not None:
+        values.append(pending[0].float())
+    if not values:
+        return None
+    read = torch.stack(values).tolist()
+    if pending is not None and read[-1]:
+        _diverged(record, out_dir, STEP_FAULTS[int(read[-1])].format(where=pending[1]))
+    return read[0] if loss is not None else None
 
 
 def end_epoch(state: Progress, dev: dict, config: TrainConfig, tokens_per_s: float) -> bool:
