@@ -52,13 +52,14 @@ class Backbone:
     name: str
     device: torch.device
     source: dict = field(default_factory=dict)  # where the weights came from, for run.json (GGUF sha256, quantisation, hub id)
-    _weights_sha256: str | None = field(default=None, repr=False)
+    # (id of the model it belongs to, sha256): a copy with another model (dataclasses.replace) hashes anew
+    _weights: tuple[int, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def weights_sha256(self) -> str:
-        """SHA-256 of the weights: the cached copy's file checksums for a preset, else of every tensor (once per load)."""
-        if self._weights_sha256 is None:
-            self._weights_sha256 = self.source.get("weights_sha256") or state_dict_sha256(self.model)
-        return self._weights_sha256
+        """SHA-256 of the weights: from the cached copy's manifest for a preset, else of every tensor, once per model."""
+        if self._weights is None or self._weights[0] != id(self.model):
+            self._weights = (id(self.model), state_dict_sha256(self.model))
+        return self._weights[1]
 
     @property
     def hidden_size(self) -> int:
@@ -421,7 +422,10 @@ def load_backbone(name: str = DEFAULT_MODEL, device: str = "auto") -> Backbone:
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     check_pad_token(tokenizer, name)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    return Backbone(freeze(model).to(resolved_device), tokenizer, name, resolved_device, facts)
+    backbone = Backbone(freeze(model).to(resolved_device), tokenizer, name, resolved_device, facts)
+    if "weights_sha256" in facts:  # the cached copy's files, checked against its manifest: no need to hash again
+        backbone._weights = (id(backbone.model), facts["weights_sha256"])
+    return backbone
 
 
 def model_from_config(config_dict: dict, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Backbone:
