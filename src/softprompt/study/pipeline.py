@@ -290,6 +290,20 @@ def _save_cached(path: Path, key: dict, scores: Scores, k: int) -> None:
     atomic_write_json(path, payload)
 
 
+def score_cache_model_key(backbone: Backbone) -> dict:
+    """What cached scores depend on besides prompt and items: the weights themselves (not the model's name), dtype, library versions."""
+    import transformers
+
+    import softprompt
+
+    return {
+        "model": backbone.name,
+        "weights": backbone.weights_sha256(),
+        "dtype": str(backbone.model.dtype),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "softprompt": softprompt.__version__},
+    }
+
+
 def cached_scores(
     out_dir: Path, backbone: Backbone, sources: dict[str, Tensor | None], task: str, items: list[Encoded], batch_size: int,
     echo: Callable[[str], None], progress: bool = False,
@@ -298,9 +312,9 @@ def cached_scores(
 
     Missing soft prompts of equal shape are scored together in one `score` call (`[K, P, H]`: one forward per prompt on each shared batch).
     """
-    items_key = fingerprint(items)
+    items_key, model_key = fingerprint(items), score_cache_model_key(backbone)
     keys = {
-        s: {"model": backbone.name, "dtype": backbone.dtype, "task": task, "items": items_key, "prompt": None if p is None else tensor_sha256(p)}
+        s: {**model_key, "task": task, "items": items_key, "prompt": None if p is None else tensor_sha256(p)}
         for s, p in sources.items()
     }
     found = {s: _load_cached(_cache_path(out_dir, s, task), keys[s]) for s in sources}
