@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, Backbone, load_backbone
 from softprompt.data.batch import Batch, Encoded, bucketed_batches, encode, train_batch
 from softprompt.eval.scoring import metrics, score
+from softprompt.eval.task_metrics import task_metrics
 from softprompt.analysis.interpret import nearest_tokens_in_model
 from softprompt.core.prompt import (
     InitMethod,
@@ -49,7 +50,8 @@ from softprompt.io.runs import (
     save_checkpoint,
     save_prompt,
 )
-from softprompt.tasks.superglue import Example, Task, get_task, load_examples, resolve_data_dir
+from softprompt.tasks.superglue import DataError, Example, Task, get_task, load_examples
+from softprompt.tasks.taskfile import data_files, split_name
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RESUMABLE_CHANGES = ("checkpoint_every",)  # config fields a resumed run may change: none alters the result
@@ -76,7 +78,7 @@ def _help(text: str) -> dict:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = field(metadata=_help("SuperGLUE task: cb, rte, copa or wsc."))
+    task: str = field(metadata=_help("Built-in task (cb, rte, copa, wsc, wic, multirc, boolq) or the path of a task file (lm-eval YAML)."))
     model: str = field(default=DEFAULT_MODEL, metadata=_help("Preset, local HF folder, .gguf file or hub id."))
     init: InitMethod = field(default=InitMethod.TEXT, metadata=_help("Prompt initialisation (Lester et al.)."))
     init_text: str | None = field(default=None, metadata=_help("Text for --init text; default: the task's good prompt."))
@@ -113,7 +115,10 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        get_task(self.task)  # raises with the valid names
+        try:
+            split_name(get_task(self.task), "train")  # raises with the valid names, or names the missing split
+        except DataError as e:
+            raise ValueError(f"--task {self.task}: {e}") from None
         for name, kind in (("init", InitMethod), ("early_stop_on", EarlyStopSplit), ("optimizer", OptimizerName)):
             try:
                 object.__setattr__(self, name, kind(getattr(self, name)))
@@ -283,6 +288,7 @@ def train(
         "config": config.to_json(),
         "init_ids": init_ids,
         "data": data,
+        **({"task_notes": list(task.notes)} if task.notes else {}),  # defaults the task file left to softprompt
         "provenance": provenance(),
         "resumed_at_step": [*read_run(out_dir).get("resumed_at_step", []), state.step] if resume else [],
         "history": state.history,  # the same list `end_epoch` appends to
@@ -334,7 +340,7 @@ def train(
     record["best_epoch"] = state.best_epoch
     # the saved prompt was scored on dev when it was best; checkpoints from before best_dev existed rescore it
     record["dev"] = state.best_dev or metrics(score(backbone, best.to(device), dev_items, config.eval_batch_size))
-    record["val"] = metrics(score(backbone, best.to(device), val_items, config.eval_batch_size))
+    record["val"] = task_metrics(score(backbone, best.to(device), val_items, config.eval_batch_size), splits.val)
     record["steps"] = state.step
     record["wall_s"] = round(time.time() - started, 1)
     record["status"] = "done"
@@ -480,13 +486,19 @@ def restore_checkpoint(path: Path, prompt: torch.nn.Parameter, optimizer: torch.
 
 
 def data_fingerprint(task: Task, data_dir: str | Path | None) -> dict:
-    """The data folder and the SHA-256 of the task's train and val files, for run.json and resume checks."""
-    folder = resolve_data_dir(data_dir).resolve()
-    sha = {}
+    """The data folder, the task file and the SHA-256 of the task's train and val files, for run.json and resume checks.
+
+    A split read from several files hashes their bytes in order; a hub dataset (no local files) gets None.
+    """
+    sha, folder = {}, None
     for split in ("train", "val"):
-        path = folder / task.folder / f"{split}.jsonl"
-        sha[f"{split}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-    return {"dir": str(folder), **sha}
+        paths = [p for p in data_files(task, split, data_dir) if p.is_file()]
+        digest = hashlib.sha256()
+        for path in paths:
+            digest.update(path.read_bytes())
+        sha[f"{split}_sha256"] = digest.hexdigest() if paths else None
+        folder = folder or (paths[0].resolve().parents[1 if task.folder else 0] if paths else None)
+    return {"dir": str(folder) if folder else None, "task_file": str(task.source.resolve()), **sha}
 
 
 def check_run_dir(out_dir: Path, config: TrainConfig, data: dict, resume: bool) -> None:
