@@ -30,6 +30,9 @@ def serve(fields: dict, prompt_specs: list[str], echo: Callable[[str], None] = p
     """
     config = ServeConfig(**fields)
     sources = [parse_prompt_spec(spec) for spec in prompt_specs]
+    for name, path in sources:
+        if not path.exists():  # before the model loads, which takes seconds
+            raise FileNotFoundError(f"--prompt {name}={path}: no such run folder, adapter or prompt file")
     config.api_key()  # an unreadable key file fails before the model loads
     if not config.binds_loopback() and config.api_key_file is None:
         echo(LOOPBACK_WARNING.format(host=config.host))
