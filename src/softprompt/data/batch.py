@@ -95,6 +95,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def whole_rows_batch(items: list[Encoded], first_index: int, pad_id: int) -> Batch:
+    """One row per (item, choice): the context and all but the last token of the choice, no continuation rows.
+
+    For models whose sliding-window attention would see a continuation row's context wrongly (its
+    window counts cache slots, and the parent row's hidden tail takes some): each row stands alone.
+    """
+    rows, scored, pairs = [], [], []
+    for offset, item in enumerate(items):
+        n = len(item.context)
+        for c, choice in enumerate(item.choices):
+            row, segment = len(rows), len(pairs)
+            rows.append(item.context + choice[:-1])
+            pairs.append((first_index + offset, c))
+            scored += [(row, n - 1 + j, token, segment) for j, token in enumerate(choice)]
+    return _build(rows, scored, pairs, pad_id)
+
+
 def score_batch(items: list[Encoded], first_index: int, pad_id: int) -> Batch:
     """One row per item: its context, then its longest multi-token choice; other choices read what they share.
 
