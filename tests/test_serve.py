@@ -16,7 +16,8 @@ from softprompt.backbones.loading import model_from_config
 from softprompt.cli import app as cli
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import score
-from softprompt.io.runs import load_prompt, tensor_sha256
+from softprompt.io.runs import tensor_sha256
+from softprompt.io.sources import load_prompt_source
 from softprompt.tasks.superglue import TASKS, Example, load_examples
 from test_evaluate import full_logits
 
@@ -64,8 +65,7 @@ def expected_logprobs(backbone, prompt, examples: list[Example], max_length: int
 
 
 def prompt_of(sources, name):
-    path = sources[name]
-    return load_prompt(path / "prompt.safetensors" if (path / "run.json").is_file() else path)[0]
+    return load_prompt_source(sources[name]).prompt
 
 
 def test_models_lists_the_bank_with_tasks_lengths_and_checksums(client, sources):

@@ -46,20 +46,54 @@ class Batch:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> Encoded:
-    """Token ids of the context and of each choice; the context loses tokens from its start if needed.
+    """Token ids of the shared context and of each choice, split off joint encodings of context + choice.
+
+    As lm-evaluation-harness does, trailing whitespace of the context moves onto the choices and
+    each `context + choice` is encoded whole, so a tokenizer that merges across the boundary or adds a
+    dummy prefix (SentencePiece's `▁`) gives the same ids as for the full string: for every choice,
+    `context + choices[c] == tokenizer(example.text + example.choices[c])["input_ids"]` (untruncated).
+    The context is what every joint encoding shares: at most the context's own encoding, less where
+    the encodings disagree; the rest goes into each choice. Special tokens the tokenizer puts first
+    (BOS) stay first: a long context loses tokens from its start after them. The soft prompt goes
+    before all of it, BOS included, as PEFT puts its virtual tokens, so training, scoring and an
+    exported adapter see one sequence: `[prompt; BOS; context; choice]`.
 
     Raises:
         ValueError: a choice has no tokens, or `max_length` leaves no room for the context.
     """
-    context = tokenizer(example.text)["input_ids"]
-    choices = tuple(tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in example.choices)
-    for text, ids in zip(example.choices, choices):
-        if not ids:  # it would score log-likelihood 0, the best there is
-            raise ValueError(f"choice {text!r} has no tokens; every choice needs at least one")
+    context, choices = split_joint(tokenizer, example.text, example.choices)
     room = max_length - max(len(c) for c in choices)
-    if room < 1:
-        raise ValueError(f"max_length={max_length} leaves no room for the context; raise --max-length")
-    return Encoded(context[-room:], choices, example.label)
+    prefix = special_prefix(tokenizer, context)
+    if room < prefix + 1:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for the context (the longest choice has "
+            f"{max(len(c) for c in choices)} tokens); raise --max-length"
+        )
+    if len(context) > room:
+        context = context[:prefix] + context[len(context) - room + prefix :]  # [BOS] + the context's end
+    return Encoded(context, choices, example.label)
+
+
+def split_joint(tokenizer: PreTrainedTokenizerBase, text: str, choices: tuple[str, ...]) -> tuple[list[int], tuple[list[int], ...]]:
+    """(shared context ids, each choice's ids) with `context + choice_ids == tokenizer(text + choice)`.
+
+    Raises:
+        ValueError: a choice adds no tokens to the context.
+    """
+    alone = tokenizer(text.rstrip())["input_ids"]  # lm-eval: the context's trailing whitespace joins the choice
+    joint = [tokenizer(text + choice)["input_ids"] for choice in choices]
+    for choice, ids in zip(choices, joint):
+        if not choice or ids == alone:  # it would score log-likelihood 0, the best there is
+            raise ValueError(f"choice {choice!r} has no tokens; every choice needs at least one")
+    # the longest prefix every joint encoding shares, within the context's own encoding; >= 1 token a choice
+    shared = min(len(alone), *(len(ids) - 1 for ids in joint), *(_common_prefix(ids, joint[0]) for ids in joint))
+    return joint[0][:shared], tuple(ids[shared:] for ids in joint)
+
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> int:
+    """How many of `ids`' first tokens are special (BOS, a template's control tokens): truncation keeps them."""
+    special = set(tokenizer.all_special_ids)
+    return next((i for i, token in enumerate(ids) if token not in special), len(ids))
 
 
 def pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
