@@ -143,6 +143,7 @@ BAD_CLASSIFY = [
     ("missing-task-field", {"prompt": "cb", "inputs": [{"premise": "a"}]}, 422, "inputs[0].hypothesis"),
     ("task-field-wrong-type", {"prompt": "cb", "inputs": [{"premise": 1, "hypothesis": "b"}]}, 422, "inputs[0].premise"),
     ("raw-fields-no-task", {"prompt": "plain", "inputs": [{"premise": "a", "hypothesis": "b"}]}, 422, "inputs[0]"),
+    ("wsc-fields-on-a-text-prompt", {"prompt": "plain", "inputs": [{"text": "a", "target": {}}]}, 422, "inputs[0].choices"),
     ("raw-fields-two-tasks", {"prompt": ["cb", "copa"], "inputs": [{"premise": "a", "hypothesis": "b"}]}, 422, "inputs[0]"),
     ("bad-copa-question", {"prompt": "copa", "inputs": [{"premise": "a", "choice1": "b", "choice2": "c", "question": "why"}]}, 422, "inputs[0]"),
     ("too-many-inputs", {"prompt": "cb", "inputs": [{"text": "a", "choices": [" b"]}] * 65}, 413, "inputs"),

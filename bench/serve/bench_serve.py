@@ -143,17 +143,23 @@ def measure(app, config: ServeConfig, bodies: list[dict], levels: list[int], req
     return out
 
 
-def check_same(results: dict) -> float:
-    """Assert every side chose the same for every request; return the largest log-likelihood gap."""
-    gap = 0.0
+def check_same(results: dict) -> dict[str, float]:
+    """Assert every side chose as `batched` did for every request; the largest log-likelihood gap per side.
+
+    `single` runs the same code on other batches (gap from float rounding only, asserted under 1e-4);
+    `peft` computes full-sequence logits another way (asserted under 1e-3 on sums of ~10-60 nats).
+    """
+    gaps = {}
     base = results["batched"]
     for side, levels in results.items():
+        gap = 0.0
         for concurrency, cell in levels.items():
             for i, (a, b) in enumerate(zip(cell["answers"], base[concurrency]["answers"])):
                 assert a["choice"] == b["choice"], f"{side} at concurrency {concurrency}, request {i}: {a} vs {b}"
                 gap = max(gap, max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])))
-    assert gap < 1e-4, f"log-likelihoods differ by {gap} between sides"
-    return gap
+        assert gap < (1e-3 if side == "peft" else 1e-4), f"{side}: log-likelihoods differ from batched by {gap}"
+        gaps[side] = gap
+    return gaps
 
 
 def main() -> None:
@@ -185,9 +191,10 @@ def main() -> None:
             print(f"{side}:", flush=True)
             run = peft_run(backbone, folder) if run == "peft" else None
             results[side] = measure(create_app(backbone, bank, config, run), config, bodies, args.concurrency, per_level)
-    gap = check_same(results)
+    gaps = check_same(results)
     print(f"\nprompt lengths {lengths}; {backbone.name} on {backbone.device}, {torch.get_num_threads()} threads; "
-          f"same choices on every side, log-likelihoods within {gap:.1e}")
+          f"same choices on every side; largest log-likelihood gap to batched: "
+          + ", ".join(f"{side} {gap:.1e}" for side, gap in gaps.items()))
     print(f"{'side':<9}{'conc':>5}{'reqs':>6}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'rows/fwd':>10}{'vs single':>11}")
     for side, levels in results.items():
         for c, cell in levels.items():
@@ -197,7 +204,7 @@ def main() -> None:
     if args.out is not None:
         summary = {side: {c: {k: v for k, v in cell.items() if k != "answers"} for c, cell in levels.items()}
                    for side, levels in results.items()}
-        atomic_write_json(args.out, {"command": " ".join(sys.argv), "prompt_lengths": lengths, "max_logprob_gap": gap,
+        atomic_write_json(args.out, {"command": " ".join(sys.argv), "prompt_lengths": lengths, "max_logprob_gap": gaps,
                                      "results": summary, "provenance": provenance()})
 
 

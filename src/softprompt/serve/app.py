@@ -270,7 +270,9 @@ def create_app(backbone: Backbone, bank: list[BankEntry], config: ServeConfig, r
         return {"prompt": body.prompt, "checksum": checksum, "results": results}
 
     def _example(raw: dict, i: int, entries: list[BankEntry]) -> tuple[Example, str | None]:
-        if "text" in raw or "choices" in raw:
+        tasks = {entry.task for entry in entries}
+        one_task = len(tasks) == 1 and None not in tasks
+        if "choices" in raw or ("text" in raw and not one_task):  # WSC's raw fields have a "text" too
             try:
                 given = TextInput.model_validate(raw)
             except Exception as e:  # pydantic ValidationError: name the first bad field
@@ -281,8 +283,7 @@ def create_app(backbone: Backbone, bank: list[BankEntry], config: ServeConfig, r
                 raise ApiError(422, f"inputs[{i}].choices: duplicate choices {given.choices}; give each choice once",
                                f"inputs[{i}].choices")
             return Example(given.text, tuple(given.choices), 0), None
-        tasks = {entry.task for entry in entries}
-        if len(tasks) != 1 or None in tasks:
+        if not one_task:
             raise ApiError(422, f"inputs[{i}]: raw task fields need prompts of one task (these have tasks "
                                 f"{sorted(map(str, tasks))}); send {{\"text\": ..., \"choices\": [...]}} instead", f"inputs[{i}]")
         task = get_task(tasks.pop())
