@@ -19,6 +19,7 @@ from softprompt.eval.scoring import PromptMode, metrics, score
 from softprompt.core.prompt import embed_text
 from softprompt.io.runs import atomic_write_json, read_run
 from softprompt.io.sources import load_prompt_source
+from softprompt.study.executors import ExecutorConfig
 from softprompt.serve.config import ServeConfig
 from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
 from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
@@ -202,15 +203,19 @@ def interpret_command(run_dir: Path, top_k: int, model: str | None, device: str,
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Study folder (default: runs/<config name>).")
 @click.option("--quiet", is_flag=True, help="No per-epoch progress bars.")
 @data_dir_option
-def study_command(config_path: Path, out: Path | None, quiet: bool, data_dir: Path | None) -> None:
+@options_from(ExecutorConfig)
+def study_command(config_path: Path, out: Path | None, quiet: bool, data_dir: Path | None, **executor_fields) -> None:
     """Train every (task, seed) of a study config, then evaluate, analyse and write report.html (resumable)."""
     from softprompt.study.pipeline import StudyConfig, run_study
 
     try:
         config = StudyConfig.from_toml(config_path)
+        executor = ExecutorConfig(**executor_fields)
         out = out or Path("runs") / config_path.stem
-        results = run_study(config, out, data_dir=data_dir, progress=not quiet, echo=lambda line: click.echo(line, err=True))
-    except (ValueError, FileNotFoundError, OSError) as e:
+        results = run_study(
+            config, out, data_dir=data_dir, progress=not quiet, echo=lambda line: click.echo(line, err=True), executor=executor
+        )
+    except (ValueError, FileNotFoundError, OSError, ImportError, RuntimeError) as e:
         _fail(str(e))
     click.echo(f"{'task':<6} {'n':>4} {'majority':>9} {'no prompt':>10} {'text':>6} {'soft mean':>10} {'sd':>5} {'vote':>6}")
     for task, ev in results["evaluation"].items():

@@ -290,10 +290,7 @@ def create_app(backbone: Backbone, bank: list[BankEntry], config: ServeConfig, r
         row = dict(raw)
         for name, expected in task.fields.items():
             if name != "label":  # the answer is what the server finds; a given label is ignored
-                try:
-                    require(row, name, expected, where=f"inputs[{i}].")
-                except DataError as e:
-                    raise ApiError(422, str(e), f"inputs[{i}].{name}") from None
+                _require_nested(row, name, expected, f"inputs[{i}]")
         row["label"] = task.labels[0]
         try:
             example = task.to_example(row)
@@ -383,6 +380,23 @@ def create_app(backbone: Backbone, bank: list[BankEntry], config: ServeConfig, r
         return choice
 
     return app
+
+
+def _require_nested(row: dict, name: str, expected: type, where: str) -> None:
+    """Check field `name` of a raw input (`a.b`: field `b` of object `a`), as the task's data loader does.
+
+    Raises:
+        ApiError: 422 naming the field (`inputs[i].a.b`).
+    """
+    *parents, leaf = name.split(".")
+    node, prefix = row, f"{where}."
+    try:
+        for part in parents:
+            node = require(node, part, dict, where=prefix)
+            prefix += f"{part}."
+        require(node, leaf, expected, where=prefix)
+    except DataError as e:
+        raise ApiError(422, str(e), f"{where}.{name}") from None
 
 
 def _finite(values: torch.Tensor) -> list[float | None]:
