@@ -49,6 +49,12 @@ from softprompt.io.runs import (
     save_prompt,
 )
 from softprompt.tasks.superglue import Example, Task, get_task, load_examples, resolve_data_dir
+from softprompt.train import distributed
+
+# Data-parallel (torchrun): every rank trains the same prompt; rank 0 alone writes the run folder.
+atomic_write_json, save_prompt, save_checkpoint, remove_temp_files = map(
+    distributed.rank_zero_only, (atomic_write_json, save_prompt, save_checkpoint, remove_temp_files)
+)
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RESUMABLE_CHANGES = ("checkpoint_every",)  # config fields a resumed run may change: none alters the result
@@ -226,6 +232,7 @@ def train(
     task = get_task(config.task)
     data = data_fingerprint(task, data_dir)
     check_run_dir(out_dir, config, data, resume)
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     backbone = backbone or load_backbone(config.model, config.device)
@@ -262,14 +269,14 @@ def train(
         bar = tqdm(total=len(batches), initial=state.batch, desc=f"{task.name} epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         tokens, epoch_start = 0, time.time()
         for i in range(state.batch, len(batches)):
-            batch = train_batch([train_items[j] for j in batches[i]], pad_id).to(device)
-            loss = loss_step(backbone, prompt, batch)
-            value = loss.item()  # the one host sync of the step
+            # data-parallel: this rank's share of the batch; `value` is the whole batch's loss on every rank
+            loss, num_tokens = distributed.share_loss(loss_step, backbone, prompt, [train_items[j] for j in batches[i]], pad_id)
+            value = distributed.batch_loss_value(loss)  # the one host sync of the step
             if not math.isfinite(value):
                 _diverged(record, out_dir, f"loss is {value} at epoch {state.epoch + 1}, step {state.step + 1}")
             (loss / config.grad_accum).backward()
             state.epoch_loss += value
-            tokens += batch.num_tokens
+            tokens += num_tokens
             bar.update()
             if (i + 1) % config.grad_accum != 0 and i + 1 != len(batches):
                 continue
@@ -293,6 +300,7 @@ def train(
         save_training_checkpoint(checkpoint, prompt, optimizer, generator.get_state(), state)
         atomic_write_json(out_dir / RUN_FILE, record)
 
+    distributed.barrier()  # rank 0 has written the best prompt
     best, _ = load_prompt(out_dir / PROMPT_FILE)
     record["best_epoch"] = state.best_epoch
     # the saved prompt was scored on dev when it was best; checkpoints from before best_dev existed rescore it
@@ -302,7 +310,8 @@ def train(
     record["wall_s"] = round(time.time() - started, 1)
     record["status"] = "done"
     atomic_write_json(out_dir / RUN_FILE, record)
-    checkpoint.unlink(missing_ok=True)  # a finished run is its prompt and record; nothing is left to resume
+    if distributed.is_main():
+        checkpoint.unlink(missing_ok=True)  # a finished run is its prompt and record; nothing is left to resume
     return record
 
 
@@ -327,6 +336,7 @@ def optimizer_step(
 ) -> None:
     """Clip, check the gradient is finite, step, and check the prompt stayed finite."""
     where = f"epoch {state.epoch + 1}, step {state.step + 1}"
+    distributed.sum_gradients(prompt)  # data-parallel: the whole batch's gradient on every rank
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([prompt], max_grad_norm)
     if not torch.isfinite(prompt.grad).all():
