@@ -202,7 +202,7 @@ def test_config_errors_name_the_flag(field, value, message):
 def test_config_rejects_unknown_task_and_init():
     with pytest.raises(ValueError, match="unknown task 'boolq'; choose one of: cb, rte, copa, wsc"):
         TrainConfig(task="boolq")
-    with pytest.raises(ValueError, match="--init must be one of text, class-labels, vocab, random, got 'words'"):
+    with pytest.raises(ValueError, match="--init must be one of text, class-labels, vocab, random, prompt, got 'words'"):
         TrainConfig(task="cb", init="words")
 
 

@@ -30,6 +30,7 @@ from softprompt.core.prompt import (
     embed_text,
     from_class_labels,
     from_embedded_text,
+    from_prompt,
     from_sample_of_embeddings,
     random_uniform,
 )
@@ -64,6 +65,11 @@ COMMON_TOKENS = 5000  # Lester's vocab init samples the 5,000 most common tokens
 class EarlyStopSplit(str, Enum):
     DEV = "dev"  # a stratified slice held out of train (honest: val stays unseen)
     VAL = "val"  # the paper's protocol: select on the split that is reported
+
+
+class OptimizerName(str, Enum):
+    ADAMW = "adamw"
+    ADAFACTOR = "adafactor"  # Lester et al.'s choice (constant lr, no parameter scaling), from transformers
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,10 +107,17 @@ class TrainConfig:
     checkpoint_every: int | None = field(
         default=None, metadata=_help("Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch end).")
     )
+    init_from: str | None = field(
+        default=None, metadata=_help("For --init prompt: the run folder, prompt file or PEFT adapter whose prompt starts this one (SPoT).")
+    )
+    optimizer: OptimizerName = field(default=OptimizerName.ADAMW, metadata=_help("adamw, or adafactor (Lester et al.; constant --lr)."))
+    snapshot_every: int | None = field(
+        default=None, metadata=_help("Save the prompt every N epochs (and the init) under snapshots/, to follow its drift.")
+    )
 
     def __post_init__(self) -> None:
         get_task(self.task)  # raises with the valid names
-        for name, kind in (("init", InitMethod), ("early_stop_on", EarlyStopSplit)):
+        for name, kind in (("init", InitMethod), ("early_stop_on", EarlyStopSplit), ("optimizer", OptimizerName)):
             try:
                 object.__setattr__(self, name, kind(getattr(self, name)))
             except ValueError:
@@ -119,7 +132,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 2**32 - 1, got {getattr(self, name)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"--device {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-        for name in ("max_steps", "max_train_examples", "checkpoint_every"):
+        for name in ("max_steps", "max_train_examples", "checkpoint_every", "snapshot_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -132,6 +145,11 @@ class TrainConfig:
             raise ValueError(f"--weight-decay must be a number >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
+        if (self.init is InitMethod.PROMPT) != (self.init_from is not None):
+            raise ValueError(
+                f"--init-from goes with --init prompt (got --init {self.init.value}, --init-from {self.init_from!r}); "
+                "give both to start from another prompt, or neither"
+            )
         if self.init_text is not None and not self.init_text.strip():
             raise ValueError("--init-text is empty; give some text or leave it out for the task's good prompt")
 
@@ -167,6 +185,9 @@ def make_splits(task: Task, config: TrainConfig, data_dir: str | Path | None) ->
 def initial_prompt(backbone: Backbone, task: Task, config: TrainConfig, generator: torch.Generator) -> Tensor:
     """The `[P, H]` starting prompt for `config.init`."""
     model, tokenizer, n = backbone.model, backbone.tokenizer, config.num_tokens
+    if config.init is InitMethod.PROMPT:
+        source, _ = load_prompt(Path(config.init_from), hidden_size=backbone.hidden_size)
+        return from_prompt(source, n, backbone.hidden_size, f"--init-from {config.init_from}")
     if config.init is InitMethod.RANDOM:
         return random_uniform(n, backbone.hidden_size, generator)
     if config.init is InitMethod.TEXT:
@@ -245,10 +266,12 @@ def train(
     prompt = torch.nn.Parameter(initial_prompt(backbone, task, config, generator).to(device))
     # Every init but random starts each row on a token's embedding: which one is what "persisted" is measured against.
     init_ids = None if config.init is InitMethod.RANDOM else nearest_tokens_in_model(backbone.model, prompt.detach(), 1)[1][:, 0].tolist()
-    optimizer = torch.optim.AdamW([prompt], lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(prompt, config)
     header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed)}
     checkpoint = out_dir / CHECKPOINT_FILE
     state = start_or_resume(out_dir, resume, prompt, optimizer, generator, header)
+    if config.snapshot_every and state.step == 0:
+        save_snapshot(out_dir, prompt, header, state)
     data.update(train=len(train_items), dev=len(dev_items), val=len(val_items), early_stop_on=config.early_stop_on.value)
     record = {
         "status": "running",
@@ -297,6 +320,8 @@ def train(
             tqdm.write(f"{task.name} epoch {state.epoch}: train loss {last['train_loss']:.4f}  dev loss {dev['loss']:.4f}  dev acc {dev['accuracy']:.1f}")
         if improved:
             save_prompt(out_dir / PROMPT_FILE, prompt, {**header, "epoch": str(state.epoch)})
+        if config.snapshot_every and state.epoch % config.snapshot_every == 0:
+            save_snapshot(out_dir, prompt, header, state)
         save_training_checkpoint(checkpoint, prompt, optimizer, generator.get_state(), state)
         atomic_write_json(out_dir / RUN_FILE, record)
 
@@ -329,6 +354,23 @@ def start_or_resume(
             return restore_checkpoint(checkpoint, prompt, optimizer, generator)
     save_prompt(out_dir / PROMPT_FILE, prompt, header)  # the init, so a prompt file exists from the start
     return Progress()
+
+
+def make_optimizer(prompt: torch.nn.Parameter, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or Adafactor as Lester et al. ran it: a constant lr, no relative step or parameter scaling."""
+    if config.optimizer is OptimizerName.ADAFACTOR:
+        from transformers.optimization import Adafactor
+
+        return Adafactor([prompt], lr=config.lr, weight_decay=config.weight_decay, scale_parameter=False, relative_step=False, warmup_init=False)
+    return torch.optim.AdamW([prompt], lr=config.lr, weight_decay=config.weight_decay)
+
+
+SNAPSHOT_DIR = "snapshots"
+
+
+def save_snapshot(out_dir: Path, prompt: Tensor, header: dict, state: Progress) -> None:
+    """The prompt after `state.epoch` epochs (`state.step` steps), as snapshots/epoch-NNNN.safetensors (0: the init)."""
+    save_prompt(out_dir / SNAPSHOT_DIR / f"epoch-{state.epoch:04d}.safetensors", prompt, {**header, "epoch": str(state.epoch), "step": str(state.step)})
 
 
 def optimizer_step(
