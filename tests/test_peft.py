@@ -15,6 +15,7 @@ from softprompt.cli import app
 from softprompt.io.peft import ADAPTER_CONFIG, ADAPTER_KEY, ADAPTER_WEIGHTS, export_peft, import_peft
 from softprompt.core.forward import logits_at
 from softprompt.io.runs import PROMPT_FILE, PromptFileError, load_prompt, save_prompt
+from softprompt.io.sources import load_prompt_source
 from softprompt.tasks.superglue import get_task, load_examples
 
 NUM_TOKENS = 4
@@ -66,7 +67,7 @@ def test_prompt_trained_by_peft_imports(tiny_backbone, data_dir, tmp_path):
     prompt, metadata = load_prompt(tmp_path / "run")
     assert torch.equal(prompt, trained) and metadata["source"] == "peft"
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "imported"
-    direct, _ = load_prompt(tmp_path / "adapter", hidden_size=16)  # evaluate --prompt ADAPTER_DIR
+    direct = load_prompt_source(tmp_path / "adapter", hidden_size=16).prompt  # evaluate --prompt ADAPTER_DIR
     assert torch.equal(direct, trained)
     peft_model.eval()
     _assert_same_logits(tiny_backbone, peft_model, prompt, _rows(tiny_backbone, data_dir))
@@ -92,11 +93,11 @@ def test_import_refuses_other_adapters(tmp_path):
     (tmp_path / "old" / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
     (tmp_path / "old" / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(PromptFileError, match="refusing pickle"):
-        load_prompt(tmp_path / "old")
+        load_prompt_source(tmp_path / "old")
 
 
 def test_adapter_for_another_model_is_refused(tmp_path):
     save_prompt(tmp_path / "run" / PROMPT_FILE, torch.randn(NUM_TOKENS, 8), {"model": "m"})
     export_peft(tmp_path / "run", tmp_path / "adapter")
-    with pytest.raises(PromptFileError, match="hidden size 8 does not match the backbone's hidden size 16"):
-        load_prompt(tmp_path / "adapter", hidden_size=16)
+    with pytest.raises(PromptFileError, match=r"hidden size 8 \(trained on m\) does not match the backbone.s hidden size 16"):
+        load_prompt_source(tmp_path / "adapter", hidden_size=16)

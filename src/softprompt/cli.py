@@ -17,7 +17,10 @@ from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import PromptMode, metrics, score
 from softprompt.core.prompt import embed_text
-from softprompt.io.runs import atomic_write_json, load_finished_run, load_prompt, read_run
+from softprompt.io.runs import atomic_write_json, read_run
+from softprompt.io.sources import load_prompt_source
+from softprompt.study.executors import ExecutorConfig
+from softprompt.serve.config import ServeConfig
 from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
 from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
 
@@ -126,17 +129,9 @@ def train_command(ctx: click.Context, out: Path | None, resume: Path | None, dat
     )
 
 
-def _load_soft_prompt(path: Path, hidden_size: int | None = None):
-    """A prompt file as given, or a run folder's best prompt if that run finished."""
-    if Path(path).is_dir():
-        _, prompt, metadata = load_finished_run(path, hidden_size)
-        return prompt, metadata
-    return load_prompt(path, hidden_size)
-
-
 @app.command("evaluate")
 @click.option("--task", required=True, help="SuperGLUE task: cb, rte, copa or wsc.")
-@click.option("--prompt", "prompt_path", type=click.Path(path_type=Path), default=None, help="Run folder, prompt file or PEFT adapter folder.")
+@click.option("--prompt", "prompt_path", type=click.Path(path_type=Path), default=None, help="Run folder (finished or imported), PEFT adapter folder, prompt.safetensors or adapter_model.safetensors.")
 @click.option("--no-prompt", is_flag=True, help="Zero-shot: no prompt at all.")
 @click.option("--text-prompt", is_flag=True, help="The task's discrete good-prompt text, as token embeddings.")
 @click.option("--model", default=None, help=f"Backbone (default: the prompt's model, else {DEFAULT_MODEL}).")
@@ -153,12 +148,10 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
     try:
         task_ = get_task(task)
         mode = PromptMode.SOFT if prompt_path else PromptMode.NONE if no_prompt else PromptMode.TEXT
-        metadata = {}
-        if prompt_path is not None:
-            prompt, metadata = _load_soft_prompt(prompt_path)
-        backbone = load_backbone(model or metadata.get("model", DEFAULT_MODEL), device)
+        source = load_prompt_source(prompt_path) if prompt_path is not None else None
+        backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device)
         if mode is PromptMode.SOFT:
-            prompt, _ = _load_soft_prompt(prompt_path, hidden_size=backbone.hidden_size)
+            prompt = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size).prompt
         elif mode is PromptMode.TEXT:
             prompt = embed_text(backbone.model, backbone.tokenizer, task_.init_text)
         else:
@@ -210,15 +203,19 @@ def interpret_command(run_dir: Path, top_k: int, model: str | None, device: str,
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Study folder (default: runs/<config name>).")
 @click.option("--quiet", is_flag=True, help="No per-epoch progress bars.")
 @data_dir_option
-def study_command(config_path: Path, out: Path | None, quiet: bool, data_dir: Path | None) -> None:
+@options_from(ExecutorConfig)
+def study_command(config_path: Path, out: Path | None, quiet: bool, data_dir: Path | None, **executor_fields) -> None:
     """Train every (task, seed) of a study config, then evaluate, analyse and write report.html (resumable)."""
     from softprompt.study.pipeline import StudyConfig, run_study
 
     try:
         config = StudyConfig.from_toml(config_path)
+        executor = ExecutorConfig(**executor_fields)
         out = out or Path("runs") / config_path.stem
-        results = run_study(config, out, data_dir=data_dir, progress=not quiet, echo=lambda line: click.echo(line, err=True))
-    except (ValueError, FileNotFoundError, OSError) as e:
+        results = run_study(
+            config, out, data_dir=data_dir, progress=not quiet, echo=lambda line: click.echo(line, err=True), executor=executor
+        )
+    except (ValueError, FileNotFoundError, OSError, ImportError, RuntimeError) as e:
         _fail(str(e))
     click.echo(f"{'task':<6} {'n':>4} {'majority':>9} {'no prompt':>10} {'text':>6} {'soft mean':>10} {'sd':>5} {'vote':>6}")
     for task, ev in results["evaluation"].items():
@@ -268,6 +265,19 @@ def import_peft_command(adapter_dir: Path, run_dir: Path) -> None:
     except (ValueError, OSError) as e:
         _fail(str(e))
     click.echo(f"imported {adapter_dir} -> {path}")
+
+
+@app.command("serve")
+@click.option("--prompt", "prompts", multiple=True, metavar="NAME=RUN_DIR_OR_PEFT_ADAPTER", help="A prompt to serve under NAME (repeat the flag for more).")
+@options_from(ServeConfig)
+def serve_command(prompts: tuple[str, ...], **fields) -> None:
+    """Serve a bank of prompts on one frozen model over HTTP: /v1/classify, /v1/completions, /v1/models."""
+    from softprompt.serve.server import serve
+
+    try:
+        serve(fields, list(prompts), echo=lambda line: click.echo(line, err=True))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
 
 
 def main() -> None:  # pragma: no cover

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
@@ -23,10 +21,14 @@ from softprompt.io.runs import (
     PromptFileError,
     atomic_write_bytes,
     atomic_write_json,
+    check_prompt_tensor,
     load_prompt,
     provenance,
     read_run,
+    read_safetensors,
+    refuse_pickle,
     save_prompt,
+    tensor_sha256,
 )
 from softprompt.tasks.superglue import TASKS
 
@@ -36,6 +38,9 @@ ADAPTER_KEY = "prompt_embeddings"
 # softprompt init -> PEFT's PromptTuningInit; class labels start from vocabulary embeddings too.
 PEFT_INIT = {"text": "TEXT", "vocab": "SAMPLE_VOCAB", "class-labels": "SAMPLE_VOCAB", "random": "RANDOM"}
 SOFTPROMPT_INIT = {"TEXT": "text", "SAMPLE_VOCAB": "vocab", "RANDOM": "random"}
+# Our own field in adapter_config.json: softprompt's model name (a preset such as smollm2-135m-instruct),
+# while base_model_name_or_path holds what PEFT's AutoPeftModel can resolve (the hub id).
+SOFTPROMPT_MODEL_FIELD = "softprompt_model"
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -102,12 +107,38 @@ def read_adapter(adapter_dir: Path, hidden_size: int | None = None) -> tuple[Ten
 
     Raises:
         PromptFileError: not a causal-LM prompt-tuning adapter, pickled or unreadable weights, a
-            shape that disagrees with the config, or a hidden-size mismatch with the backbone.
+            shape that disagrees with the config, NaN/inf values, or a hidden-size mismatch with the backbone.
     """
     adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / ADAPTER_CONFIG
+    config = read_adapter_config(adapter_dir / ADAPTER_CONFIG)
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        pickled = [p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        hint = f"; found {pickled}: refusing pickle-based files, re-save with safe_serialization=True" if pickled else ""
+        raise PromptFileError(f"no {ADAPTER_WEIGHTS} in {adapter_dir}{hint}")
+    return _adapter_prompt(path, config, hidden_size)
+
+
+def read_adapter_file(path: Path, hidden_size: int | None = None) -> tuple[Tensor, dict[str, str]]:
+    """The prompt of a bare `adapter_model.safetensors`; its folder's `adapter_config.json` is checked if present.
+
+    Raises:
+        PromptFileError: as `read_adapter`.
+    """
+    path = Path(path)
+    config_path = path.parent / ADAPTER_CONFIG
+    config = read_adapter_config(config_path) if config_path.is_file() else {}
+    return _adapter_prompt(path, config, hidden_size)
+
+
+def read_adapter_config(config_path: Path) -> dict:
+    """A PEFT adapter config, refused unless it is a causal-LM PROMPT_TUNING one.
+
+    Raises:
+        PromptFileError: unreadable JSON, another PEFT method, or an encoder-decoder adapter.
+    """
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(Path(config_path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise PromptFileError(f"{config_path}: not a readable adapter config ({e})") from None
     if config.get("peft_type") != "PROMPT_TUNING":
@@ -119,34 +150,29 @@ def read_adapter(adapter_dir: Path, hidden_size: int | None = None) -> tuple[Ten
             f"{config_path}: num_transformer_submodules={config['num_transformer_submodules']} (an encoder-decoder "
             "adapter); softprompt reads causal-LM adapters (1)"
         )
-    prompt = _read_weights(adapter_dir)
-    expected = [config.get("num_virtual_tokens", prompt.shape[0]), config.get("token_dim", prompt.shape[-1])]
-    if prompt.dim() != 2 or list(prompt.shape) != expected:
-        raise PromptFileError(f"{adapter_dir}: {ADAPTER_KEY} has shape {list(prompt.shape)}, the config says {expected}")
-    if hidden_size is not None and prompt.shape[1] != hidden_size:
-        raise PromptFileError(
-            f"{adapter_dir}: prompt hidden size {prompt.shape[1]} does not match the backbone's hidden size "
-            f"{hidden_size}; evaluate it with its base model ({config.get('base_model_name_or_path')}) via --model"
-        )
-    metadata = {"source": "peft", "init": SOFTPROMPT_INIT.get(str(config.get("prompt_tuning_init")), "random")}
-    if config.get("base_model_name_or_path"):
-        metadata["model"] = str(config["base_model_name_or_path"])
-    return prompt, metadata
+    return config
 
 
-def _read_weights(adapter_dir: Path) -> Tensor:
-    path = adapter_dir / ADAPTER_WEIGHTS
-    if not path.is_file():
-        pickled = [p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        hint = f"; found {pickled}: refusing pickle-based files, re-save with safe_serialization=True" if pickled else ""
-        raise PromptFileError(f"no {ADAPTER_WEIGHTS} in {adapter_dir}{hint}")
-    try:
-        tensors = st_load(path.read_bytes())
-    except (SafetensorError, ValueError) as e:
-        raise PromptFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+def _adapter_prompt(path: Path, config: dict, hidden_size: int | None) -> tuple[Tensor, dict[str, str]]:
+    """Read, check and describe the `prompt_embeddings` tensor of a PEFT weights file."""
+    data = path.read_bytes()
+    refuse_pickle(path, data, PromptFileError)
+    tensors, _ = read_safetensors(path, data, PromptFileError)
     if ADAPTER_KEY not in tensors:
         raise PromptFileError(f"{path}: no '{ADAPTER_KEY}' tensor (found {sorted(tensors)}); is it a prompt-tuning adapter?")
-    return tensors[ADAPTER_KEY].float()
+    prompt = tensors[ADAPTER_KEY].float()
+    expected = [config.get("num_virtual_tokens", prompt.shape[0]), config.get("token_dim", prompt.shape[-1])]
+    if prompt.dim() != 2 or list(prompt.shape) != expected:
+        raise PromptFileError(f"{path}: {ADAPTER_KEY} has shape {list(prompt.shape)}, the config says {expected}")
+    model = config.get(SOFTPROMPT_MODEL_FIELD) or config.get("base_model_name_or_path")
+    check_prompt_tensor(path, prompt, hidden_size, model)
+    metadata = {"source": "peft", "init": SOFTPROMPT_INIT.get(str(config.get("prompt_tuning_init")), "random")}
+    if model:
+        metadata["model"] = str(model)
+    if config.get("base_model_name_or_path"):
+        metadata["base_model_name_or_path"] = str(config["base_model_name_or_path"])
+    metadata["sha256"] = tensor_sha256(prompt)
+    return prompt, metadata
 
 
 def import_peft(adapter_dir: Path, run_dir: Path) -> Path:

@@ -130,20 +130,39 @@ def prompt_path(path: Path) -> Path:
     path = Path(path)
     return path / PROMPT_FILE if path.is_dir() else path
 
+def check_prompt_tensor(path: Path, prompt: Tensor, hidden_size: int | None, trained_on: str | None) -> None:
+    """Refuse a prompt that is not `[P, H]`, holds NaN/inf, or does not fit the backbone's hidden size.
+
+    Raises:
+        PromptFileError: the message names `path`, the bad value and the fix.
+    """
+    if prompt.dim() != 2 or prompt.shape[0] == 0:
+        raise PromptFileError(f"{path}: prompt must be [num_tokens, hidden], got shape {list(prompt.shape)} (num_tokens >= 1)")
+    if not bool(prompt.isfinite().all()):
+        bad = (~prompt.isfinite()).any(dim=1).nonzero().flatten().tolist()
+        raise PromptFileError(
+            f"{path}: the prompt holds NaN or inf values (rows {bad[:10]}{' ...' if len(bad) > 10 else ''}); every score "
+            "would be NaN. Retrain it (a lower --lr or --max-grad-norm keeps training finite) or use another prompt file"
+        )
+    if hidden_size is not None and prompt.shape[1] != hidden_size:
+        raise PromptFileError(
+            f"{path}: prompt hidden size {prompt.shape[1]} (trained on {trained_on or 'another model'}) does not match "
+            f"the backbone's hidden size {hidden_size}; evaluate it with the model it was trained on (--model)"
+        )
+
+
 def load_prompt(path: Path, hidden_size: int | None = None) -> tuple[Tensor, dict[str, str]]:
     """Load and verify a prompt saved by `save_prompt`: (`[P, H]` fp32 tensor, header metadata).
 
+    For any other source (PEFT adapters, imported runs) use `softprompt.io.sources.load_prompt_source`.
+
     Args:
-        path: a `prompt.safetensors` file, a run folder holding one, or a PEFT adapter folder.
+        path: a `prompt.safetensors` file or a folder holding one.
         hidden_size: when given, the backbone's hidden size the prompt must match.
 
     Raises:
-        PromptFileError: missing, pickled, truncated or altered file, or a hidden-size mismatch.
+        PromptFileError: missing, pickled, truncated, altered or non-finite file, or a hidden-size mismatch.
     """
-    from softprompt.io.peft import is_adapter_dir, read_adapter  # lazy: peft_adapter imports this module
-
-    if is_adapter_dir(path):  # a PEFT prompt-tuning adapter folder
-        return read_adapter(path, hidden_size)
     path = prompt_path(path)
     if path.suffix in PICKLE_SUFFIXES:
         refuse_pickle(path, b"", PromptFileError)
@@ -155,16 +174,9 @@ def load_prompt(path: Path, hidden_size: int | None = None) -> tuple[Tensor, dic
     if PROMPT_KEY not in tensors:
         raise PromptFileError(f"{path}: no '{PROMPT_KEY}' tensor (found {sorted(tensors)})")
     prompt = tensors[PROMPT_KEY].float()
-    if prompt.dim() != 2:
-        raise PromptFileError(f"{path}: prompt must be [num_tokens, hidden], got shape {list(prompt.shape)}")
     if "sha256" in metadata and metadata["sha256"] != tensor_sha256(prompt):
         raise PromptFileError(f"{path}: checksum mismatch, the file was altered or damaged; retrain or restore it")
-    if hidden_size is not None and prompt.shape[1] != hidden_size:
-        model = metadata.get("model", "another model")
-        raise PromptFileError(
-            f"{path}: prompt hidden size {prompt.shape[1]} (trained on {model}) does not match the backbone's "
-            f"hidden size {hidden_size}; evaluate it with the model it was trained on (--model)"
-        )
+    check_prompt_tensor(path, prompt, hidden_size, metadata.get("model"))
     return prompt, metadata
 
 def _digest(tensors: dict[str, Tensor], text: str) -> str:

@@ -35,17 +35,19 @@ from torch import Tensor
 
 from softprompt.analysis import measures as analysis
 from softprompt.study import stages
-from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone
+from softprompt.backbones.loading import DEFAULT_MODEL, Backbone
 from softprompt.data.batch import Encoded, encode
 from softprompt.eval.scoring import Scores, metrics, score
 from softprompt.analysis.interpret import interpret_prompt, rows_to_json, run_init_ids
 from softprompt.core.prompt import InitMethod, embed_text
-from softprompt.io.runs import RUN_FILE, atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
+from softprompt.io.runs import atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
+from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs, worker_backbone
 from softprompt.tasks.superglue import get_task, load_examples
-from softprompt.train.loop import TrainConfig, TrainingDiverged, train
+from softprompt.train.loop import TrainConfig
 
 RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
+IN_PROCESS = ExecutorConfig(workers="1")  # the library's default: every run in the caller's process
 PER_RUN_KEYS = ("task", "seed")  # set by the study for each run, not in the config file
 SHARED_KEYS = ("model", "num_tokens", "device")  # one backbone, prompts of one shape: never set per task
 RESULT_NEUTRAL_KEYS = ("device", "eval_batch_size")  # a finished run with other values still counts as the same run
@@ -238,32 +240,29 @@ def run_name(task: str, seed: int) -> str:
 
 
 def train_all(
-    config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, progress: bool, echo: Callable[[str], None]
+    config: StudyConfig, out_dir: Path, backbone: Backbone | None, data_dir: str | Path | None, progress: bool, echo: Callable[[str], None],
+    executor: ExecutorConfig | None = None,
 ) -> dict[str, str]:
-    """Train every (task, seed) not already done, resuming unfinished ones. Returns {run name: status}.
+    """Train every (task, seed) not already done, resuming unfinished ones, with `executor`. Returns {run name: status}.
 
     Raises:
         ValueError: a done run was trained with a different config (the message names the keys).
     """
-    jobs = [(task, seed) for task in config.tasks for seed in config.seeds]
-    statuses = {}
-    for i, (task, seed) in enumerate(jobs, start=1):
-        name, train_config = run_name(task, seed), config.train_config(task, seed)
-        run_dir = out_dir / "runs" / name
+    jobs, statuses = [], {}
+    data_dir = None if data_dir is None else str(Path(data_dir).resolve())  # workers may run elsewhere
+    grid = [(task, seed) for task in config.tasks for seed in config.seeds]
+    for i, (task, seed) in enumerate(grid, start=1):
+        name, train_config, label = run_name(task, seed), config.train_config(task, seed), f"run {i}/{len(grid)}: {task} seed {seed}"
+        run_dir = (out_dir / "runs" / name).resolve()
         if is_done(run_dir):
             _check_same_config(run_dir, train_config)
-            echo(f"run {i}/{len(jobs)}: {task} seed {seed} (done, skipped)")
+            echo(f"{label} (done, skipped)")
             statuses[name] = "done"
             continue
-        unfinished = (run_dir / RUN_FILE).is_file()  # killed or crashed: continue from its last checkpoint
-        echo(f"run {i}/{len(jobs)}: {task} seed {seed}" + (" (unfinished, resuming)" if unfinished else ""))
-        try:
-            record = train(train_config, run_dir, backbone=backbone, data_dir=data_dir, progress=progress, resume=unfinished)
-            statuses[name] = record["status"]
-            echo(f"run {i}/{len(jobs)}: {task} seed {seed}: val accuracy {record['val']['accuracy']:.1f} in {record['wall_s']:.0f} s")
-        except TrainingDiverged as e:
-            statuses[name] = "diverged"
-            echo(f"run {i}/{len(jobs)}: {task} seed {seed} diverged ({e}); left out of the analyses")
+        statuses[name] = "pending"  # keeps the grid's order
+        jobs.append(RunJob(name, train_config, str(run_dir), data_dir, label))
+    for name, outcome in run_jobs(jobs, executor or IN_PROCESS, backbone, echo, progress).items():
+        statuses[name] = "done" if outcome.status == "skipped" else outcome.status  # skipped: another process finished it
     return statuses
 
 
@@ -359,10 +358,12 @@ def run_study(
     backbone: Backbone | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    executor: ExecutorConfig | None = None,
 ) -> dict:
     """Train, evaluate and analyse every (task, seed) of a study, then write results.json and the report.
 
-    Re-running continues: done runs and cached scores are reused.
+    Re-running continues: done runs and cached scores are reused. `executor` says where the runs
+    train (default: one after another in this process; local workers; Ray); the analysis runs here.
 
     Returns:
         The results (also in `out_dir/results.json`).
@@ -372,9 +373,9 @@ def run_study(
     out_dir = Path(out_dir)
     started = time.time()
     atomic_write_json(out_dir / STUDY_FILE, config.to_json())
-    backbone = backbone or load_backbone(config.model, config.train.get("device", "auto"))
-    statuses = train_all(config, out_dir, backbone, data_dir, progress, echo)
-    staged = train_stages(config, out_dir, backbone, data_dir, statuses, progress, echo)
+    statuses = train_all(config, out_dir, backbone, data_dir, progress, echo, executor)
+    backbone = backbone or worker_backbone(config.model, config.train.get("device", "auto"))  # the one in-process runs loaded
+    staged = train_stages(config, out_dir, backbone, data_dir, statuses, progress, echo, executor)
     analysis_started = time.time()
     results = analyse(config, out_dir, backbone, data_dir, statuses, echo, progress, staged)
     results["analysis_wall_s"] = round(time.time() - analysis_started, 1)  # scoring, interpretation, statistics
@@ -386,20 +387,29 @@ def run_study(
 
 
 def train_stages(
-    config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, statuses: dict[str, str],
-    progress: bool, echo: Callable[[str], None],
+    config: StudyConfig, out_dir: Path, backbone: Backbone | None, data_dir: str | Path | None, statuses: dict[str, str],
+    progress: bool, echo: Callable[[str], None], executor: ExecutorConfig | None = None,
 ) -> dict:
-    """The training stages after the grid: SPoT (needs each task's representative prompt) and the ablation."""
-    done = [name for name, status in statuses.items() if status == "done"]
-    seeds_of = {task: [s for s in config.seeds if run_name(task, s) in done] for task in config.tasks}
+    """The training stages after the grid, with the grid's executor: SPoT (from each task's representative prompt) and the ablation."""
+    seeds_of = {task: [s for s in config.seeds if statuses.get(run_name(task, s)) == "done"] for task in config.tasks}
     representative = {task: _representative(config, task, seeds_of[task]) for task in config.tasks}
-    sources = {t: out_dir / "runs" / r for t, r in representative.items() if r}
+    sources = {t: (out_dir / "runs" / r).resolve() for t, r in representative.items() if r}
     base = {t: config.train_config(t, config.representative_seed) for t in config.tasks}
+    wanted: dict[Path, TrainConfig] = {}
+    if config.spot_steps and len(sources) > 1:
+        wanted |= stages.spot_jobs({t: base[t] for t in sources}, sources, config.spot_steps, out_dir.resolve())
+    if config.ablation_lengths:
+        wanted |= stages.ablation_jobs(base, config.ablation_lengths, config.ablation_inits, out_dir.resolve())
+    todo = {run_dir: c for run_dir, c in wanted.items() if not stages.reusable(c, run_dir)}
+    data = None if data_dir is None else str(Path(data_dir).resolve())
+    jobs = [RunJob(f"{d.parent.name}/{d.name}", c, str(d), data, f"{d.parent.name} {i}/{len(todo)}: {d.name}")
+            for i, (d, c) in enumerate(todo.items(), start=1)]
+    run_jobs(jobs, executor or IN_PROCESS, backbone, echo, progress)
     out: dict[str, Any] = {}
     if config.spot_steps and len(sources) > 1:
-        out["spot"] = stages.spot({t: base[t] for t in sources}, sources, config.spot_steps, out_dir, backbone, data_dir, progress, echo)
+        out["spot"] = stages.spot_results(list(sources), config.spot_steps, out_dir)
     if config.ablation_lengths:
-        out["ablation"] = stages.ablation(base, config.ablation_lengths, config.ablation_inits, out_dir, backbone, data_dir, progress, echo)
+        out["ablation"] = stages.ablation_results(list(config.tasks), config.ablation_lengths, config.ablation_inits, out_dir)
     return out
 
 

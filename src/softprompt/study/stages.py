@@ -1,7 +1,8 @@
 """The study's newer stages: accuracy intervals, similarity measures (ON included), SPoT, ablations, drift.
 
-Each reads the study's run folders and writes its own (`spot/`, `ablation/`); `pipeline.analyse`
-calls them and puts their JSON-ready output into results.json. Layout added to a study folder:
+The training stages hand `pipeline` their runs as {run folder: TrainConfig} (trained by the study's
+executor, like the grid) and read the finished folders back; `pipeline.analyse` puts their JSON-ready
+output into results.json. Layout added to a study folder:
     spot/<source>__<target>/    SPoT: target trained from source's prompt for `spot_steps` steps
     spot/default__<target>/     the same budget from the target's own init
     ablation/<task>-<init>-p<N>/   Lester's ablation grid (prompt length x init), one seed
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from softprompt.core.prompt import InitMethod
 from softprompt.data.batch import Encoded, pad
 from softprompt.eval.scoring import Scores
 from softprompt.io.runs import RUN_FILE, is_done, load_prompt, read_run
-from softprompt.train.loop import SNAPSHOT_DIR, TrainConfig, TrainingDiverged, train
+from softprompt.train.loop import SNAPSHOT_DIR, TrainConfig
 
 RESULT_NEUTRAL_KEYS = ("device", "eval_batch_size")
 
@@ -101,85 +101,87 @@ def predictors(measures: dict, transfer: dict, spot: dict) -> list[dict]:
 # --- training stages -----------------------------------------------------------------------------
 
 
-def ensure_run(config: TrainConfig, run_dir: Path, backbone: Backbone, data_dir, progress: bool) -> dict | None:
-    """A finished run's record: reused when done with the same config, else trained (resumed if unfinished).
-
-    Returns None when the run diverged (it is left out, and the caller says so).
+def reusable(config: TrainConfig, run_dir: Path) -> bool:
+    """True when `run_dir` holds a finished run of `config` (to skip); False when it must be (re)trained.
 
     Raises:
         ValueError: a done run was trained with another config (the keys are named).
     """
-    if is_done(run_dir):
-        record = read_run(run_dir)
-        wanted = config.to_json()
-        differ = sorted(k for k in wanted if k not in RESULT_NEUTRAL_KEYS and record.get("config", {}).get(k) != wanted[k])
-        if differ:
-            raise ValueError(f"{run_dir} was trained with a different config ({', '.join(differ)}); use another --out or delete it")
-        return record
-    try:
-        return train(config, run_dir, backbone=backbone, data_dir=data_dir, progress=progress, resume=(run_dir / RUN_FILE).is_file())
-    except TrainingDiverged:
-        return None
+    if not is_done(run_dir):
+        return False
+    saved, wanted = read_run(run_dir).get("config", {}), config.to_json()
+    differ = sorted(k for k in wanted if k not in RESULT_NEUTRAL_KEYS and saved.get(k) != wanted[k])
+    if differ:
+        detail = ", ".join(f"{k}: run {saved.get(k)!r} vs study {wanted[k]!r}" for k in differ)
+        raise ValueError(f"{run_dir} was trained with a different config ({detail}); use another --out, or delete that run folder")
+    return True
 
 
-def spot(
-    base: dict[str, TrainConfig], sources: dict[str, Path], steps: int, out_dir: Path, backbone: Backbone, data_dir,
-    progress: bool, echo: Callable[[str], None],
-) -> dict:
-    """SPoT transfer: each target trained `steps` steps from every other task's prompt, and from its own init.
+def _val_accuracy(run_dir: Path) -> float | None:
+    """A finished run's val accuracy; None when it did not finish (diverged)."""
+    record = read_run(run_dir) if (run_dir / RUN_FILE).is_file() else {}
+    return record["val"]["accuracy"] if record.get("status") == "done" else None
+
+
+def spot_jobs(base: dict[str, TrainConfig], sources: dict[str, Path], steps: int, out_dir: Path) -> dict[Path, TrainConfig]:
+    """SPoT's runs: each target for `steps` steps from every other task's prompt, and from its own init.
 
     Args:
         base: each task's training config (the study's, for the representative seed).
         sources: each task's representative run folder (its prompt is the source).
 
     Returns:
-        `tasks`, `default` (val accuracy per target from its own init), `accuracy` `[S, T]` (rows:
-        source prompt; diagonal nan), `gain` = accuracy minus the target's default (the SPoT gain
-        matrix), `steps`, and `missing` (runs that diverged).
+        {run folder `spot/<source>__<target>` (source `default`: the target's own init): config}.
     """
-    tasks = list(sources)
+    jobs = {}
+    for target in sources:
+        budget = dataclasses.replace(base[target], max_steps=steps, snapshot_every=None)
+        jobs[out_dir / "spot" / f"default__{target}"] = budget
+        for source in sources:
+            if source != target:
+                jobs[out_dir / "spot" / f"{source}__{target}"] = dataclasses.replace(budget, init=InitMethod.PROMPT, init_from=str(sources[source]))
+    return jobs
+
+
+def spot_results(tasks: list[str], steps: int, out_dir: Path) -> dict:
+    """The SPoT matrices from the finished `spot/` runs.
+
+    Returns:
+        `tasks`, `steps`, `default` (target val accuracy from its own init), `accuracy` `[S, T]`
+        (rows: source prompt; diagonal nan), `gain` = accuracy minus the target's default (the SPoT
+        gain matrix), `missing` (runs that did not finish).
+    """
     accuracy = np.full((len(tasks), len(tasks)), math.nan)
     default, missing = {}, []
     for j, target in enumerate(tasks):
-        budget = dataclasses.replace(base[target], max_steps=steps, snapshot_every=None)
-        jobs = {"default": budget} | {
-            s: dataclasses.replace(budget, init=InitMethod.PROMPT, init_from=str(sources[s])) for s in tasks if s != target
-        }
-        for source, config in jobs.items():
-            echo(f"spot: {source} -> {target} ({steps} steps)")
-            record = ensure_run(config, out_dir / "spot" / f"{source}__{target}", backbone, data_dir, progress)
-            if record is None:
+        for source in ["default", *(t for t in tasks if t != target)]:
+            value = _val_accuracy(out_dir / "spot" / f"{source}__{target}")
+            if value is None:
                 missing.append(f"{source}__{target}")
-                continue
-            if source == "default":
-                default[target] = record["val"]["accuracy"]
+            elif source == "default":
+                default[target] = value
             else:
-                accuracy[tasks.index(source), j] = record["val"]["accuracy"]
+                accuracy[tasks.index(source), j] = value
     baseline = np.array([default.get(t, math.nan) for t in tasks])
     return {"tasks": tasks, "steps": steps, "default": default, "accuracy": accuracy.tolist(),
             "gain": (accuracy - baseline[None, :]).tolist(), "missing": missing}
 
 
-def ablation(
-    base: dict[str, TrainConfig], lengths: tuple[int, ...], inits: tuple[str, ...], out_dir: Path, backbone: Backbone,
-    data_dir, progress: bool, echo: Callable[[str], None],
-) -> dict:
-    """Lester's ablation: val accuracy for every (task, init, prompt length), one seed each.
+def _ablation_dir(out_dir: Path, task: str, init: str, n: int) -> Path:
+    return out_dir / "ablation" / f"{task}-{init}-p{n}"
 
-    Returns:
-        `{"lengths", "inits", "accuracy": {task: {init: [accuracy per length, None if diverged]}}}`.
-    """
-    accuracy: dict[str, dict[str, list[float | None]]] = {}
-    for task, config in base.items():
-        accuracy[task] = {}
-        for init in inits:
-            row = []
-            for n in lengths:
-                echo(f"ablation: {task} init {init}, {n} tokens")
-                changed = dataclasses.replace(config, init=InitMethod(init), num_tokens=n, init_from=None, snapshot_every=None)
-                record = ensure_run(changed, out_dir / "ablation" / f"{task}-{init}-p{n}", backbone, data_dir, progress)
-                row.append(None if record is None else record["val"]["accuracy"])
-            accuracy[task][init] = row
+
+def ablation_jobs(base: dict[str, TrainConfig], lengths: tuple[int, ...], inits: tuple[str, ...], out_dir: Path) -> dict[Path, TrainConfig]:
+    """Lester's ablation grid: every (task, init, prompt length), one seed (the base config's)."""
+    return {
+        _ablation_dir(out_dir, task, init, n): dataclasses.replace(config, init=InitMethod(init), num_tokens=n, init_from=None, snapshot_every=None)
+        for task, config in base.items() for init in inits for n in lengths
+    }
+
+
+def ablation_results(tasks: list[str], lengths: tuple[int, ...], inits: tuple[str, ...], out_dir: Path) -> dict:
+    """`{"lengths", "inits", "accuracy": {task: {init: [val accuracy per length, None if not finished]}}}`."""
+    accuracy = {task: {init: [_val_accuracy(_ablation_dir(out_dir, task, init, n)) for n in lengths] for init in inits} for task in tasks}
     return {"lengths": list(lengths), "inits": list(inits), "accuracy": accuracy}
 
 

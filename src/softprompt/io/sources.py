@@ -1,0 +1,156 @@
+"""One loader for every prompt source: run folders, PEFT adapters and their bare weight files.
+
+`load_prompt_source(path)` takes whatever a user hands to `--prompt`:
+
+- a finished run folder (`run.json` status `done` + `prompt.safetensors`),
+- an imported run folder (`softprompt import-peft`, status `imported`),
+- a PEFT prompt-tuning adapter folder (`adapter_config.json` + `adapter_model.safetensors`,
+  as PEFT's `save_pretrained` writes it),
+- a `prompt.safetensors` file (softprompt's own), or an `adapter_model.safetensors` file (PEFT's).
+
+Every source goes through the same checks: no pickle, a readable safetensors file, the checksum in
+a softprompt header, a `[P, H]` shape, finite values and, when given, the backbone's hidden size.
+A folder that is neither a run nor an adapter, or a run that has not finished, is refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from torch import Tensor
+
+from softprompt.io.peft import ADAPTER_CONFIG, ADAPTER_KEY, is_adapter_dir, read_adapter, read_adapter_file
+from softprompt.io.runs import (
+    PICKLE_SUFFIXES,
+    PROMPT_FILE,
+    PROMPT_KEY,
+    RUN_FILE,
+    PromptFileError,
+    RunNotFinished,
+    load_prompt,
+    read_run,
+    read_safetensors,
+    refuse_pickle,
+    tensor_sha256,
+)
+
+# Run statuses whose prompt is a result: `done` (trained to the end), `imported` (from PEFT).
+USABLE_STATUSES = ("done", "imported")
+
+
+class SourceKind(str, Enum):
+    RUN = "run"  # a finished softprompt run folder
+    IMPORTED_RUN = "imported-run"  # a run folder written by `softprompt import-peft`
+    PEFT_ADAPTER = "peft-adapter"  # a PEFT prompt-tuning adapter folder
+    PROMPT_FILE = "prompt-file"  # a bare prompt.safetensors
+    ADAPTER_FILE = "adapter-file"  # a bare adapter_model.safetensors
+
+
+@dataclass(frozen=True)
+class LoadedPrompt:
+    """A verified prompt and where it came from.
+
+    Attributes:
+        prompt: `[P, H]` fp32 tensor, finite.
+        kind: what the path was.
+        path: the path as given.
+        metadata: the prompt file's header (or the adapter's, translated); strings only.
+        run: the run.json record when the source was a run folder, else None.
+    """
+
+    prompt: Tensor
+    kind: SourceKind
+    path: Path
+    metadata: dict[str, str] = field(default_factory=dict)
+    run: dict | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.prompt.shape[1]
+
+    @property
+    def task(self) -> str | None:
+        return self.metadata.get("task") or (self.run or {}).get("task")
+
+    @property
+    def model(self) -> str | None:
+        """The backbone the prompt was trained on, as recorded (a preset name, folder or hub id)."""
+        return self.metadata.get("model") or (self.run or {}).get("model")
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the fp32 values (the one `save_prompt` writes into the header)."""
+        return self.metadata.get("sha256") or tensor_sha256(self.prompt)
+
+
+def load_prompt_source(path: str | Path, hidden_size: int | None = None) -> LoadedPrompt:
+    """Load and verify a prompt from any source softprompt reads (see the module docstring).
+
+    Args:
+        path: a run folder, a PEFT adapter folder, a `prompt.safetensors` or an `adapter_model.safetensors`.
+        hidden_size: when given, the backbone's hidden size the prompt must match.
+
+    Returns:
+        The `[P, H]` fp32 prompt with its metadata, run record and kind.
+
+    Raises:
+        FileNotFoundError: nothing at `path`, or a folder that is neither a run nor an adapter.
+        RunNotFinished: a run folder whose status is not `done` or `imported`.
+        PromptFileError: pickled, truncated, altered, non-finite, wrongly shaped, or another hidden size.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path, hidden_size)
+    if path.suffix in PICKLE_SUFFIXES:
+        refuse_pickle(path, b"", PromptFileError)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt source not found: {path}; give a run folder, a PEFT adapter folder or a .safetensors file")
+    return _load_file(path, hidden_size)
+
+
+def _load_folder(path: Path, hidden_size: int | None) -> LoadedPrompt:
+    if (path / RUN_FILE).is_file():
+        record = read_run(path)
+        status = record.get("status")
+        if status not in USABLE_STATUSES:
+            raise RunNotFinished(
+                f"{path} is not a finished run (status {status!r}); resume it with "
+                f"`softprompt train --resume {path}`, or pass {path / PROMPT_FILE} to use its last best prompt anyway"
+            )
+        prompt, metadata = load_prompt(path / PROMPT_FILE, hidden_size)
+        kind = SourceKind.RUN if status == "done" else SourceKind.IMPORTED_RUN
+        return LoadedPrompt(prompt, kind, path, metadata, record)
+    if is_adapter_dir(path):
+        prompt, metadata = read_adapter(path, hidden_size)
+        return LoadedPrompt(prompt, SourceKind.PEFT_ADAPTER, path, metadata)
+    if (path / PROMPT_FILE).is_file():
+        raise FileNotFoundError(
+            f"no {RUN_FILE} in {path}, so it is not a run folder; pass {path / PROMPT_FILE} to use the prompt file alone"
+        )
+    raise FileNotFoundError(
+        f"{path} holds no {RUN_FILE}, {PROMPT_FILE} or {ADAPTER_CONFIG}; give a softprompt run folder, "
+        "a PEFT prompt-tuning adapter folder or a .safetensors prompt file"
+    )
+
+
+def _load_file(path: Path, hidden_size: int | None) -> LoadedPrompt:
+    """A bare safetensors file, told apart by its tensor's name: `prompt` (ours) or `prompt_embeddings` (PEFT)."""
+    data = path.read_bytes()
+    refuse_pickle(path, data, PromptFileError)
+    tensors, _ = read_safetensors(path, data, PromptFileError)
+    if PROMPT_KEY in tensors:
+        prompt, metadata = load_prompt(path, hidden_size)
+        return LoadedPrompt(prompt, SourceKind.PROMPT_FILE, path, metadata)
+    if ADAPTER_KEY in tensors:
+        prompt, metadata = read_adapter_file(path, hidden_size)
+        return LoadedPrompt(prompt, SourceKind.ADAPTER_FILE, path, metadata)
+    raise PromptFileError(
+        f"{path}: no '{PROMPT_KEY}' tensor (a softprompt prompt file) or '{ADAPTER_KEY}' tensor (a PEFT "
+        f"prompt-tuning adapter) in it; found {sorted(tensors)}"
+    )
