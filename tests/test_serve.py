@@ -16,7 +16,8 @@ from softprompt.backbones.loading import model_from_config
 from softprompt.cli import app as cli
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import score
-from softprompt.io.runs import load_prompt, tensor_sha256
+from softprompt.io.runs import tensor_sha256
+from softprompt.io.sources import load_prompt_source
 from softprompt.tasks.superglue import TASKS, Example, load_examples
 from test_evaluate import full_logits
 
@@ -64,8 +65,7 @@ def expected_logprobs(backbone, prompt, examples: list[Example], max_length: int
 
 
 def prompt_of(sources, name):
-    path = sources[name]
-    return load_prompt(path / "prompt.safetensors" if (path / "run.json").is_file() else path)[0]
+    return load_prompt_source(sources[name]).prompt
 
 
 def test_models_lists_the_bank_with_tasks_lengths_and_checksums(client, sources):
@@ -143,6 +143,7 @@ BAD_CLASSIFY = [
     ("missing-task-field", {"prompt": "cb", "inputs": [{"premise": "a"}]}, 422, "inputs[0].hypothesis"),
     ("task-field-wrong-type", {"prompt": "cb", "inputs": [{"premise": 1, "hypothesis": "b"}]}, 422, "inputs[0].premise"),
     ("raw-fields-no-task", {"prompt": "plain", "inputs": [{"premise": "a", "hypothesis": "b"}]}, 422, "inputs[0]"),
+    ("wsc-fields-on-a-text-prompt", {"prompt": "plain", "inputs": [{"text": "a", "target": {}}]}, 422, "inputs[0].choices"),
     ("raw-fields-two-tasks", {"prompt": ["cb", "copa"], "inputs": [{"premise": "a", "hypothesis": "b"}]}, 422, "inputs[0]"),
     ("bad-copa-question", {"prompt": "copa", "inputs": [{"premise": "a", "choice1": "b", "choice2": "c", "question": "why"}]}, 422, "inputs[0]"),
     ("too-many-inputs", {"prompt": "cb", "inputs": [{"text": "a", "choices": [" b"]}] * 65}, 413, "inputs"),

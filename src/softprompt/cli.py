@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
+from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, load_backbone
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import PromptMode, score
 from softprompt.eval.generation import generate_texts, generation_metrics
@@ -24,6 +24,7 @@ from softprompt.io.sources import load_prompt_source
 from softprompt.study.executors import ExecutorConfig
 from softprompt.serve.config import ServeConfig
 from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
+from softprompt.train import distributed
 from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
 
 
@@ -117,13 +118,19 @@ def train_command(ctx: click.Context, out: Path | None, resume: Path | None, dat
             if ctx.get_parameter_source("data_dir") is not ParameterSource.COMMANDLINE:
                 # a resume reads the data the run started with, not whatever $SOFTPROMPT_DATA_DIR says now
                 data_dir = read_run(resume).get("data", {}).get("dir") or data_dir
-        record = train(config, out, data_dir=data_dir, resume=resume is not None)
+        distributed.init_from_env()  # launched by torchrun / accelerate launch: one prompt, data-parallel
+        main = distributed.is_main()  # rank 0 reports; every rank returns the same record
+        record = train(config, out, data_dir=data_dir, resume=resume is not None, progress=main)
     except TrainingDiverged as e:
         _fail(str(e), code=3)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail(f"interrupted; continue from the last checkpoint with: softprompt train --resume {out}", code=130)
+    finally:
+        distributed.shutdown()
+    if not main:
+        return
     dev, val = record["dev"], record["val"]
     click.echo(
         f"{record['task']}: best epoch {record['best_epoch']}, dev accuracy {dev['accuracy']:.1f}, "
@@ -145,9 +152,10 @@ TASK_HELP = "Built-in task (cb, rte, copa, wsc, wic, multirc, boolq; see `softpr
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Most examples per forward.")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True, help="Backbone weights (auto: bf16 on a CUDA GPU with bf16, else float32).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON here.")
 @data_dir_option
-def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, limit, batch_size, max_length, device, out, data_dir):
+def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, limit, batch_size, max_length, device, dtype, out, data_dir):
     """Evaluate a prompt (or no prompt, or the text prompt) on a task: accuracy and exact match."""
     if sum([prompt_path is not None, no_prompt, text_prompt]) != 1:
         _fail("give exactly one of --prompt RUN_DIR, --no-prompt, --text-prompt")
@@ -155,7 +163,7 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, li
         task_ = get_task(task)
         mode = PromptMode.SOFT if prompt_path else PromptMode.NONE if no_prompt else PromptMode.TEXT
         source = load_prompt_source(prompt_path) if prompt_path is not None else None
-        backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device)
+        backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device, dtype)
         if mode is PromptMode.SOFT:
             prompt = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size).prompt
         elif mode is PromptMode.TEXT:
@@ -170,7 +178,7 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, li
             result |= generation_metrics(texts, examples, task_.target_delimiter)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
-    result = {"task": task_.name, "split": split, "mode": mode.value, "model": backbone.name, **result}
+    result = {"task": task_.name, "split": split, "mode": mode.value, "model": backbone.name, "dtype": backbone.dtype, **result}
     if prompt_path is not None:
         result["prompt"] = str(prompt_path)
     click.echo(f"{'task':<6} {'mode':<5} {'split':<5} {'n':>5} {'accuracy':>9} {'exact':>7} {'macro-F1':>9}")

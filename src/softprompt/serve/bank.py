@@ -15,7 +15,8 @@ from torch import Tensor
 
 from softprompt.backbones.loading import Backbone
 from softprompt.core.forward import prompt_keys_values
-from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_finished_run, load_prompt, tensor_sha256
+from softprompt.io.runs import tensor_sha256
+from softprompt.io.sources import load_prompt_source
 from softprompt.tasks.superglue import TASKS
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
@@ -64,39 +65,21 @@ def parse_prompt_spec(spec: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def read_prompt_source(path: Path, hidden_size: int) -> tuple[Tensor, str | None]:
-    """A verified `[P, H]` prompt and its task, from a finished run folder, a PEFT adapter or a prompt file.
-
-    Uses the same checksum and no-pickle checks as `softprompt evaluate`.
-
-    Raises:
-        PromptFileError, RunNotFinished, FileNotFoundError, ValueError: as `load_finished_run` / `load_prompt`.
-    """
-    path = Path(path)
-    if path.is_dir() and (path / RUN_FILE).is_file() and (path / PROMPT_FILE).is_file():
-        record, prompt, metadata = load_finished_run(path, hidden_size)
-        task = record.get("task") or metadata.get("task")
-    else:
-        prompt, metadata = load_prompt(path, hidden_size)
-        task = metadata.get("task")
-    if not torch.isfinite(prompt).all():
-        raise ValueError(f"{path}: the prompt holds NaN or inf values; retrain it or restore a good copy")
-    return prompt, task if task in TASKS else None
-
-
 @torch.inference_mode()
 def load_bank(backbone: Backbone, sources: list[tuple[str, Path]]) -> list[BankEntry]:
     """Load every `(name, path)` once and compute its keys/values; entry 0 is the bare backbone.
 
     Raises:
-        ValueError: a duplicate name or a name equal to the backbone's; and as `read_prompt_source`.
+        ValueError: a duplicate name or a name equal to the backbone's; and as `load_prompt_source`
+            (FileNotFoundError, RunNotFinished, PromptFileError).
     """
     bank = [BankEntry(backbone.name, None, None, None, None)]
     for name, path in sources:
         if name in (entry.name for entry in bank):
             raise ValueError(f"--prompt name {name!r} is given twice (or is the backbone's name); give each prompt its own name")
-        prompt, task = read_prompt_source(path, backbone.hidden_size)
-        prompt = prompt.to(backbone.device)
+        loaded = load_prompt_source(path, backbone.hidden_size)  # checksum, no-pickle, finite, hidden size
+        prompt = loaded.prompt.to(backbone.device)
         cache = prompt_keys_values(backbone.model, prompt)
-        bank.append(BankEntry(name, task, prompt, tensor_sha256(prompt), str(path), cache))
+        task = loaded.task if loaded.task in TASKS else None
+        bank.append(BankEntry(name, task, prompt, tensor_sha256(loaded.prompt), str(path), cache))
     return bank

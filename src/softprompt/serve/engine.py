@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from softprompt.backbones.loading import Backbone
-from softprompt.core.forward import logits_at
+from softprompt.core.forward import generate, logits_at
 from softprompt.data.batch import Encoded
-from softprompt.eval.scoring import score
+from softprompt.eval.scoring import score_mixed
 from softprompt.serve.bank import BankEntry
 
 
@@ -59,35 +59,19 @@ def run_batch(backbone: Backbone, bank: list[BankEntry], batch_size: int, kind: 
 
 
 def score_jobs(backbone: Backbone, bank: list[BankEntry], jobs: list[ScoreJob], batch_size: int) -> list[Tensor]:
-    """Summed log-likelihood of every choice of every item, each item under its own prompt.
+    """Summed log-likelihood of every choice of every item, each item under its own prompt, in shared forwards.
 
     Returns:
         per job, `[E, C]` fp32 (-inf where an item has fewer than C choices).
     """
     prompt_of = [p for job in jobs for p in job.prompt_of]
     items = [item for job in jobs for item in job.items]
-    widest = max(len(item.choices) for item in items)
-    logprobs = torch.full((len(items), widest), float("-inf"))
-    for entry in sorted(set(prompt_of)):  # one score() per prompt in the batch
-        index = [i for i, p in enumerate(prompt_of) if p == entry]
-        scores = score(backbone, bank[entry].prompt, [items[i] for i in index], batch_size)
-        logprobs[index, : scores.logprobs.shape[-1]] = scores.logprobs[0]
+    logprobs = score_mixed(backbone, [entry.cache for entry in bank], prompt_of, items, batch_size).logprobs[0]  # [E, C]
     out, start = [], 0
     for job in jobs:
         out.append(logprobs[start : start + len(job.items)])
         start += len(job.items)
     return out
-
-
-def _logits(backbone: Backbone, entry: BankEntry, ids: list[int], positions: list[int]) -> Tensor:
-    """Next-token logits at `positions` of one row `ids` under `entry`'s prompt: `[len(positions), V]`."""
-    device = backbone.device
-    input_ids = torch.tensor([ids], device=device)
-    where = torch.tensor(positions, device=device)
-    return logits_at(
-        backbone.model, entry.prompt, input_ids, torch.ones_like(input_ids), torch.zeros_like(where), where,
-        prompt_cache=entry.cache,
-    )
 
 
 def _top(logprobs: Tensor, k: int) -> list[tuple[int, float]] | None:
@@ -99,42 +83,51 @@ def _top(logprobs: Tensor, k: int) -> list[tuple[int, float]] | None:
 
 @torch.inference_mode()
 def complete(backbone: Backbone, entry: BankEntry, job: CompletionJob) -> Completion:
-    """Echo-score the prompt (if asked) and generate up to `max_tokens` tokens.
+    """Generate up to `max_tokens` tokens and, if asked, score the prompt's own tokens (echo).
 
     Greedy at temperature 0; otherwise sampled from softmax(logits / temperature) with a generator
-    seeded by `job.seed`, so a seeded request gives the same tokens every time. Generation stops at
-    the end-of-sequence token or when the new text contains a stop string (cut there).
+    seeded by `job.seed`, so a seeded request gives the same tokens every time. The text is cut at
+    the first stop string. Log-probabilities (model's, before temperature) and the top alternatives
+    come from one teacher-forced forward over prompt + new tokens, so a token's log-prob equals its
+    top alternative's exactly when it is the argmax (how lm-eval tells greedy continuations).
     """
-    ids = list(job.ids)
-    positions = list(range(len(ids))) if job.echo else [len(ids) - 1]
-    logprobs = torch.log_softmax(_logits(backbone, entry, ids, positions), -1)  # [len(positions), V]
-    result = Completion([], [], [], 0)
-    if job.echo:
-        result.ids, result.num_prompt = list(ids), len(ids)
-        result.logprobs = [None] + [float(logprobs[j, ids[j + 1]]) for j in range(len(ids) - 1)]
-        result.top = [None] + [_top(logprobs[j], job.top_logprobs) for j in range(len(ids) - 1)]
-    generator = torch.Generator().manual_seed(job.seed if job.seed is not None else torch.seed())
-    new: list[int] = []
-    next_logprobs = logprobs[-1]  # [V]
-    for step in range(job.max_tokens):
-        if step > 0:
-            next_logprobs = torch.log_softmax(_logits(backbone, entry, ids + new, [len(ids) + len(new) - 1])[0], -1)
-        if job.temperature == 0:
-            token = int(next_logprobs.argmax())
-        else:
-            probs = torch.softmax(next_logprobs.cpu() / job.temperature, -1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        new.append(token)
-        result.ids.append(token)
-        result.logprobs.append(float(next_logprobs[token]))
-        result.top.append(_top(next_logprobs, job.top_logprobs))
-        if token == job.eos_token_id:
-            result.finish_reason = "stop"
-            break
-        text = backbone.tokenizer.decode(new)
-        cut = min((text.find(s) for s in job.stop if s in text), default=-1)
-        if cut >= 0:
-            result.finish_reason, result.new_text = "stop", text[:cut]
-            return result
-    result.new_text = backbone.tokenizer.decode(new, skip_special_tokens=True)
+    ids, new, finish = list(job.ids), [], "length"
+    if job.max_tokens > 0:
+        generator = torch.Generator(backbone.device).manual_seed(job.seed if job.seed is not None else torch.seed())
+        ((new, _),) = generate(backbone.model, entry.cache, [ids], job.max_tokens, job.temperature, generator,
+                               job.eos_token_id)
+        if job.eos_token_id in new:
+            finish = "stop"
+    new, text, cut = _cut_at_stop(backbone, new, job.stop)
+    finish = "stop" if cut else finish
+    first = 0 if job.echo else len(ids) - 1  # the position predicting the first token reported
+    result = Completion(ids + new if job.echo else new, [], [], len(ids) if job.echo else 0, finish, text)
+    if job.top_logprobs or job.echo or new:
+        scored = ids + new
+        positions = list(range(first, len(scored) - 1))
+        lp = torch.log_softmax(_logits(backbone, entry, scored, positions), -1) if positions else None  # [N, V]
+        targets = scored[first + 1 :]
+        result.logprobs = ([None] if job.echo else []) + [float(lp[j, t]) for j, t in enumerate(targets)]
+        result.top = ([None] if job.echo else []) + [_top(lp[j], job.top_logprobs) for j in range(len(targets))]
     return result
+
+
+def _cut_at_stop(backbone: Backbone, new: list[int], stop: tuple[str, ...]) -> tuple[list[int], str, bool]:
+    """(tokens kept, text, whether a stop string cut it): the text ends before the first stop string."""
+    text = backbone.tokenizer.decode(new, skip_special_tokens=True)
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    if cut < 0:
+        return new, text, False
+    keep = next((j for j in range(1, len(new) + 1) if len(backbone.tokenizer.decode(new[:j], skip_special_tokens=True)) > cut), len(new))
+    return new[:keep], text[:cut], True
+
+
+def _logits(backbone: Backbone, entry: BankEntry, ids: list[int], positions: list[int]) -> Tensor:
+    """Next-token logits at `positions` of one row `ids` under `entry`'s prompt: `[len(positions), V]`."""
+    device = backbone.device
+    input_ids = torch.tensor([ids], device=device)
+    where = torch.tensor(positions, device=device)
+    return logits_at(
+        backbone.model, None, input_ids, torch.ones_like(input_ids), torch.zeros_like(where), where,
+        prompt_cache=entry.cache,
+    ).float()

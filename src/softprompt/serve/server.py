@@ -29,10 +29,13 @@ def serve(fields: dict, prompt_specs: list[str], echo: Callable[[str], None] = p
         ValueError, FileNotFoundError, OSError: a bad flag, prompt or model (the message names it).
     """
     config = ServeConfig(**fields)
-    sources = [parse_prompt_spec(spec) for spec in prompt_specs]
-    config.api_key()  # an unreadable key file fails before the model loads
     if not config.binds_loopback() and config.api_key_file is None:
         echo(LOOPBACK_WARNING.format(host=config.host))
+    config.api_key()  # an unreadable key file fails before the model loads
+    sources = [parse_prompt_spec(spec) for spec in prompt_specs]
+    for name, path in sources:
+        if not path.exists():  # before the model loads, which takes seconds
+            raise FileNotFoundError(f"--prompt {name}={path}: no such run folder, adapter or prompt file")
     backbone = load_backbone(config.model, config.device)
     bank = load_bank(backbone, sources)
     for entry in bank[1:]:
