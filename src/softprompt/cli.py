@@ -13,12 +13,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
+from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone, tokenizer_identity
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import PromptMode, metrics, score
 from softprompt.core.prompt import embed_text
 from softprompt.io.runs import atomic_write_json, read_run
-from softprompt.io.sources import load_prompt_source
+from softprompt.io.sources import check_tokenizer, load_prompt_source
 from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
 from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
 
@@ -149,7 +149,10 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
         source = load_prompt_source(prompt_path) if prompt_path is not None else None
         backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device)
         if mode is PromptMode.SOFT:
-            prompt = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size).prompt
+            source = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size)
+            identity = tokenizer_identity(backbone.tokenizer)
+            check_tokenizer(source, int(identity["vocab_size"]), identity["tokenizer_sha256"], backbone.name)
+            prompt = source.prompt
         elif mode is PromptMode.TEXT:
             prompt = embed_text(backbone.model, backbone.tokenizer, task_.init_text)
         else:

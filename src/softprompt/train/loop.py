@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone
+from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone, tokenizer_identity
 from softprompt.data.batch import Batch, Encoded, bucketed_batches, encode, train_batch
 from softprompt.eval.scoring import metrics, score
 from softprompt.analysis.interpret import nearest_tokens_in_model
@@ -239,7 +239,7 @@ def train(
     # Every init but random starts each row on a token's embedding: which one is what "persisted" is measured against.
     init_ids = None if config.init is InitMethod.RANDOM else nearest_tokens_in_model(backbone.model, prompt.detach(), 1)[1][:, 0].tolist()
     optimizer = torch.optim.AdamW([prompt], lr=config.lr, weight_decay=config.weight_decay)
-    header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed)}
+    header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed), **tokenizer_identity(tokenizer)}
     checkpoint = out_dir / CHECKPOINT_FILE
     state = start_or_resume(out_dir, resume, prompt, optimizer, generator, header)
     data.update(train=len(train_items), dev=len(dev_items), val=len(val_items), early_stop_on=config.early_stop_on.value)
@@ -251,6 +251,7 @@ def train(
         "init_ids": init_ids,
         "data": data,
         "provenance": provenance(),
+        "backbone": backbone.source,  # GGUF sha256 and quantisation, hub id (empty for a plain folder)
         "resumed_at_step": [*read_run(out_dir).get("resumed_at_step", []), state.step] if resume else [],
         "history": state.history,  # the same list `end_epoch` appends to
     }
