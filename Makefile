@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/superglue),../shared/data/superglue,data/superglue)
 export SOFTPROMPT_DATA_DIR := $(abspath $(DATA_DIR))
 
-.PHONY: browser setup demo test bench clean
+.PHONY: browser setup demo test bench bench-serve clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ browser:
 
 bench: setup
 	$(PY) bench/bench_peft.py --out bench/results.json
+
+# softprompt serve under load: mixed-task batching vs one request per forward vs PEFT set_adapter
+bench-serve: setup
+	$(PY) bench/serve/bench_serve.py --out bench/results-serve.json
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,4 @@
-"""The soft prompt: initialisers on legible tensors, `prepend`, and `logits_at` against the full HF forward."""
+"""The soft prompt: initialisers on legible tensors, and `logits_at` against the full HF forward."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES
+from naive import full_logits
 from softprompt.core.prompt import (
     InitMethod,
     embed_ids,
@@ -14,7 +15,7 @@ from softprompt.core.prompt import (
     from_sample_of_embeddings,
     random_uniform,
 )
-from softprompt.core.forward import logits_at, prepend
+from softprompt.core.forward import logits_at
 from softprompt.tasks.superglue import TASKS
 from softprompt.train.loop import COMMON_TOKENS, TrainConfig, initial_prompt
 
@@ -159,46 +160,6 @@ def test_initial_prompt_random(tiny_backbone):
     assert prompt.abs().max() <= 0.5
 
 
-# ---- prepend ---------------------------------------------------------------------------------------
-
-def test_prepend_shared_prompt():
-    prompt = torch.full((2, 3), 7.0)
-    embeds = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    out, out_mask = prepend(prompt, embeds, mask)
-    assert out.shape == (2, 6, 3)
-    assert torch.equal(out[:, :2], prompt.expand(2, 2, 3))
-    assert torch.equal(out[:, 2:], embeds)
-    assert torch.equal(out_mask, torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]))
-    assert out_mask.dtype == mask.dtype
-
-
-def test_prepend_one_prompt_per_row():
-    prompt = torch.stack([torch.zeros(2, 3), torch.ones(2, 3)])  # [B=2, P=2, H=3]
-    out, _ = prepend(prompt, torch.full((2, 1, 3), 5.0), torch.ones(2, 1, dtype=torch.long))
-    assert torch.equal(out[0, :2], torch.zeros(2, 3)) and torch.equal(out[1, :2], torch.ones(2, 3))
-
-
-def test_prepend_casts_to_the_model_dtype():
-    prompt = torch.tensor([[0.1, 0.2]], dtype=torch.float32)
-    out, _ = prepend(prompt, torch.zeros(1, 2, 2, dtype=torch.bfloat16), torch.ones(1, 2, dtype=torch.long))
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out[0, 0], prompt[0].to(torch.bfloat16))
-
-
-def test_prepend_without_prompt_is_identity():
-    embeds, mask = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long)
-    out, out_mask = prepend(None, embeds, mask)
-    assert out is embeds and out_mask is mask
-
-
-def test_prepend_keeps_the_gradient_path_to_the_prompt():
-    prompt = torch.nn.Parameter(torch.zeros(2, 3))
-    out, _ = prepend(prompt, torch.ones(1, 2, 3), torch.ones(1, 2, dtype=torch.long))
-    out.sum().backward()
-    assert torch.equal(prompt.grad, torch.ones(2, 3))
-
-
 # ---- logits_at against the full Hugging Face forward -------------------------------------------------
 
 def right_padded(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,8 +188,7 @@ def test_logits_at_equals_full_model_logits(tiny_backbone, prompt_kind):
     got = logits_at(model, prompt, input_ids, mask, rows, positions)
 
     with torch.no_grad():
-        embeds, full_mask = prepend(prompt, model.get_input_embeddings()(input_ids), mask)
-        full = model(inputs_embeds=embeds, attention_mask=full_mask).logits  # [B, P+T, V]
+        full = full_logits(model, prompt, input_ids, mask)  # [B, P+T, V]
     offset = 0 if prompt is None else prompt.shape[-2]
     assert got.shape == (6, model.config.get_text_config().vocab_size) and got.dtype == torch.float32
     torch.testing.assert_close(got, full[rows, positions + offset], atol=1e-5, rtol=1e-5)

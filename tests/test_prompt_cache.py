@@ -6,18 +6,17 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES
+from naive import full_logits, naive_logprobs
 import softprompt.data.batch
 from softprompt.data.batch import Encoded, encode
 from softprompt.eval.scoring import score
-from softprompt.core.forward import logits_at, output_logits, prepend
+from softprompt.core.forward import logits_at
 from softprompt.tasks.superglue import get_task, load_examples
 
 
 def _concatenated(model, prompt, input_ids, attention_mask, rows, positions):
     """The textbook forward: one pass over `[prompt; input]` for every row."""
-    embeds, mask = prepend(prompt, model.get_input_embeddings()(input_ids), attention_mask)
-    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
-    return output_logits(model, hidden[rows, positions + prompt.shape[-2]])
+    return full_logits(model, prompt, input_ids, attention_mask)[rows, positions + prompt.shape[-2]]
 
 
 @pytest.mark.parametrize("tiny_backbone", ARCHITECTURES, indirect=True)
@@ -42,22 +41,6 @@ def test_cached_prompt_matches_concatenation(tiny_backbone, num_tokens):
     assert reference.grad.abs().max() > 0
 
 
-def _naive_logprobs(model, prompt, items) -> torch.Tensor:
-    """One unpadded `[prompt; context + choice]` forward per choice, full logits: `[E, C]`."""
-    out = torch.full((len(items), max(len(i.choices) for i in items)), float("-inf"))
-    for e, item in enumerate(items):
-        for c, choice in enumerate(item.choices):
-            ids = torch.tensor([item.context + choice])
-            embeds = model.get_input_embeddings()(ids)
-            if prompt is not None:
-                embeds = torch.cat([prompt[None], embeds], dim=1)
-            with torch.no_grad():
-                logprobs = torch.log_softmax(model(inputs_embeds=embeds).logits[0].float(), -1)
-            at = torch.arange(len(choice)) + (0 if prompt is None else prompt.shape[0]) + len(item.context) - 1
-            out[e, c] = logprobs[at, torch.tensor(choice)].sum()
-    return out
-
-
 @pytest.mark.parametrize("tiny_backbone", ARCHITECTURES, indirect=True)
 @pytest.mark.parametrize("task", ["copa", "cb"])
 @pytest.mark.parametrize("with_prompt", [True, False], ids=["prompt", "no-prompt"])
@@ -65,7 +48,7 @@ def test_shared_context_scoring_matches_naive(tiny_backbone, data_dir, task, wit
     items = [encode(tiny_backbone.tokenizer, e, 64) for e in load_examples(get_task(task), "val", data_dir)[:5]]
     prompt = torch.randn(3, 16) if with_prompt else None
     scores = score(tiny_backbone, prompt, items, batch_size=4)
-    torch.testing.assert_close(scores.logprobs[0], _naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(scores.logprobs[0], naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)
 
 
 def test_several_prompts_score_as_each_alone(tiny_backbone, data_dir):
@@ -95,7 +78,7 @@ def test_continuation_groups_match_naive(tiny_backbone, monkeypatch):
     batch = softprompt.data.batch.score_batch(items, 0, tiny_backbone.tokenizer.pad_token_id)
     assert len(batch.then.groups) > 2  # the path under test: several continuation passes
     scores = score(tiny_backbone, prompt, items, batch_size=2)
-    torch.testing.assert_close(scores.logprobs[0], _naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(scores.logprobs[0], naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("tiny_backbone", ARCHITECTURES, indirect=True)
@@ -111,4 +94,4 @@ def test_choices_sharing_tokens_match_naive(tiny_backbone):
     batch = softprompt.data.batch.score_batch(items, 0, tiny_backbone.tokenizer.pad_token_id)
     assert batch.then.contexts.tolist() == [4, 3, 2, 4]  # after the shared tokens
     scores = score(tiny_backbone, prompt, items, batch_size=3)
-    torch.testing.assert_close(scores.logprobs[0], _naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(scores.logprobs[0], naive_logprobs(tiny_backbone.model, prompt, items), atol=1e-4, rtol=1e-5)

@@ -185,7 +185,7 @@ def test_paper_config_is_the_paper_protocol():
         ({"per_task": {"copa": {"lr": 0.1}}}, r"\[per_task.copa\] names a task that is not in `tasks`"),
         ({"per_task": {"rte": {"num_tokens": 10}}}, r"\[per_task.rte\] cannot set \['num_tokens'\]"),
         ({"per_task": {"rte": {"lr": "fast"}}}, r"\[per_task.rte\]: key `lr` must be float"),
-        ({"per_task": {"rte": {"init": "glove"}}}, r"\[per_task.rte\]: `init` must be one of text, class-labels, vocab, random, got 'glove'"),
+        ({"per_task": {"rte": {"init": "glove"}}}, r"\[per_task.rte\]: `init` must be one of text, class-labels, vocab, random, prompt, got 'glove'"),
         ({"per_task": {"rte": 3}}, "`per_task` must be tables"),
     ],
     ids=["no-tasks", "bad-task", "dup-seeds", "lr-type", "lr-value", "unknown-key", "per-run-key", "transfer-seed", "bool-seed",

@@ -18,6 +18,7 @@ class InitMethod(str, Enum):
     CLASS_LABELS = "class-labels"
     VOCAB = "vocab"
     RANDOM = "random"
+    PROMPT = "prompt"  # another trained prompt (SPoT, Vu et al. 2022): --init-from RUN_DIR_OR_ADAPTER
 
 
 def from_embedded_text(text_embeddings: Tensor, num_tokens: int) -> Tensor:
@@ -51,6 +52,21 @@ def from_class_labels(label_embeddings: Tensor, vocab_embeddings: Tensor, num_to
 def random_uniform(num_tokens: int, hidden_size: int, generator: torch.Generator, scale: float = 0.5) -> Tensor:
     """Uniform in [-scale, scale] (Lester's random init): `[P, H]`."""
     return (torch.rand(num_tokens, hidden_size, generator=generator) * 2 - 1) * scale
+
+
+def from_prompt(source: Tensor, num_tokens: int, hidden_size: int, origin: str = "the source prompt") -> Tensor:
+    """SPoT's init: a copy of another task's trained prompt `[P, H]`, which must have the wanted shape.
+
+    Raises:
+        ValueError: the shapes differ (both are named, and the flag that fixes it).
+    """
+    if tuple(source.shape) != (num_tokens, hidden_size):
+        raise ValueError(
+            f"{origin} has shape {list(source.shape)}, but this prompt is [{num_tokens}, {hidden_size}] "
+            f"(--num-tokens {num_tokens}, the backbone's hidden size {hidden_size}); set --num-tokens {source.shape[0]} "
+            "or start from a prompt trained on this backbone with this length"
+        )
+    return source.detach().float().clone()
 
 
 def embed_ids(model: PreTrainedModel, ids: list[int]) -> Tensor:

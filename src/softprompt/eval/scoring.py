@@ -17,8 +17,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from softprompt.backbones.loading import Backbone
-from softprompt.data.batch import Encoded, score_batch, sorted_chunks
-from softprompt.core.forward import logits_at, prompt_keys_values
+from softprompt.data.batch import Batch, Encoded, device_pass_cost, length_of, score_batch, sorted_chunks, whole_rows_batch
+from softprompt.core.forward import logits_at, mixed_prompt_cache, prompt_keys_values, sliding_window
 
 
 class PromptMode(str, Enum):
@@ -62,6 +62,45 @@ def target_logprobs(logits: Tensor, targets: Tensor, block: int | None = None) -
     return torch.cat(logprobs), torch.cat(greedy)
 
 
+def _batch_builder(model, prompt_length: int, items: list[Encoded]):
+    """`score_batch` (contexts encoded once), or `whole_rows_batch` where a sliding window would make that wrong.
+
+    A sliding-window layer counts cache slots, not positions: a continuation row's slots include its
+    parent row's hidden tail, and a left-padded prompt's its padding. While prompt + row + continuation
+    fit in the window, every key is visible either way and the numbers are the same.
+    """
+    window = sliding_window(model)
+    longest_row = max(length_of(item) for item in items) - 1
+    longest_rest = max(len(c) for item in items for c in item.choices) - 1
+    if window is None or prompt_length + longest_row + longest_rest <= window:
+        return score_batch, True
+    return whole_rows_batch, False
+
+
+def _collect(batch: Batch, chunk: list[int], items: list[Encoded], token_lp: Tensor, greedy_wrong: Tensor, logprobs: Tensor, wrong_tokens: Tensor) -> None:
+    """Sum a batch's per-token `[K, N]` log-probs and greedy misses into its (example, choice) cells of `[K, E, C]`, `[K, E]`."""
+    segments = batch.segments.cpu()
+    k = token_lp.shape[0]
+    seg_lp = torch.zeros(k, len(batch.pairs)).index_add_(1, segments, token_lp)
+    seg_wrong = torch.zeros(k, len(batch.pairs), dtype=torch.long).index_add_(1, segments, greedy_wrong)
+    for s, (e, c) in enumerate(batch.pairs):
+        example = chunk[e]
+        logprobs[:, example, c] = seg_lp[:, s]
+        if c == items[example].label:
+            wrong_tokens[:, example] = seg_wrong[:, s]
+
+
+def _empty_scores(k: int, items: list[Encoded]) -> tuple[Tensor, Tensor]:
+    max_choices = max(len(item.choices) for item in items)
+    return torch.full((k, len(items), max_choices), float("-inf")), torch.zeros((k, len(items)), dtype=torch.long)
+
+
+def _scores(items: list[Encoded], logprobs: Tensor, wrong_tokens: Tensor) -> Scores:
+    labels = torch.tensor([item.label for item in items])
+    answer_tokens = torch.tensor([len(item.choices[item.label]) for item in items])
+    return Scores(logprobs, wrong_tokens == 0, labels, answer_tokens)
+
+
 @torch.inference_mode()
 def score(
     backbone: Backbone, prompts: Tensor | None, items: list[Encoded], batch_size: int = 16, progress: bool = False
@@ -82,33 +121,67 @@ def score(
     k = 1 if prompts is None else prompts.shape[0]
     if prompts is not None:
         prompts = prompts.to(device)
-    max_choices = max(len(item.choices) for item in items)
-    logprobs = torch.full((k, len(items), max_choices), float("-inf"))
-    wrong_tokens = torch.zeros((k, len(items)), dtype=torch.long)
-    labels = torch.tensor([item.label for item in items])
-    answer_tokens = torch.tensor([len(item.choices[item.label]) for item in items])
+    logprobs, wrong_tokens = _empty_scores(k, items)
     pad_id = backbone.tokenizer.pad_token_id
+    build, _ = _batch_builder(model, 0 if prompts is None else prompts.shape[1], items)
     caches = [None] * k if prompts is None else [prompt_keys_values(model, prompt) for prompt in prompts]  # once per prompt
-    for chunk in tqdm(sorted_chunks(items, batch_size), desc="scoring", disable=not progress, leave=False):
-        batch = score_batch([items[i] for i in chunk], 0, pad_id).to(device)
+    cost = device_pass_cost(device.type)
+    for chunk in tqdm(sorted_chunks(items, batch_size, cost), desc="scoring", disable=not progress, leave=False):
+        batch = build([items[i] for i in chunk], 0, pad_id, cost).to(device)
         n = batch.targets.shape[0]
         token_lp, greedy_wrong = torch.zeros(k, n), torch.zeros(k, n, dtype=torch.long)
         for j in range(k):  # one forward per prompt, on top of its keys/values computed once for all batches
             logits = logits_at(
-                model, None if prompts is None else prompts[j], batch.input_ids, batch.attention_mask,
-                batch.rows, batch.positions, batch.then, caches[j],
+                model, None, batch.input_ids, batch.attention_mask, batch.rows, batch.positions, batch.then, caches[j]
             )  # [N, V]
             lp, greedy = target_logprobs(logits, batch.targets)
             token_lp[j], greedy_wrong[j] = lp.cpu(), (~greedy).long().cpu()
-        segments = batch.segments.cpu()
-        seg_lp = torch.zeros(k, len(batch.pairs)).index_add_(1, segments, token_lp)
-        seg_wrong = torch.zeros(k, len(batch.pairs), dtype=torch.long).index_add_(1, segments, greedy_wrong)
-        for s, (e, c) in enumerate(batch.pairs):
-            example = chunk[e]
-            logprobs[:, example, c] = seg_lp[:, s]
-            if c == items[example].label:
-                wrong_tokens[:, example] = seg_wrong[:, s]
-    return Scores(logprobs, wrong_tokens == 0, labels, answer_tokens)
+        _collect(batch, chunk, items, token_lp, greedy_wrong, logprobs, wrong_tokens)
+    return _scores(items, logprobs, wrong_tokens)
+
+
+@torch.inference_mode()
+def score_mixed(
+    backbone: Backbone, prompt_caches: list, prompt_of: list[int], items: list[Encoded], batch_size: int = 16, progress: bool = False
+) -> Scores:
+    """Every item scored under its own prompt; items of different prompts share forwards.
+
+    Args:
+        prompt_caches: the bank, `prompt_keys_values(model, prompt)` of each `[P_k, H]` prompt (any
+            lengths; None: no prompt).
+        prompt_of: `[E]` index into the bank of each item's prompt.
+        items: encoded examples.
+        batch_size: examples per forward.
+
+    Returns:
+        Scores with K = 1: `logprobs[0]` is `[E, C]` (summed log-likelihood of each choice, -inf where
+        an item has fewer), `exact[0]` is `[E]`.
+
+    Raises:
+        ValueError: `prompt_of` and `items` differ in length, or an index is outside the bank.
+    """
+    if len(prompt_of) != len(items):
+        raise ValueError(f"prompt_of has {len(prompt_of)} entries for {len(items)} items; give one bank index per item")
+    model, device, pad_id = backbone.model, backbone.device, backbone.tokenizer.pad_token_id
+    lengths = [0 if cache is None else cache.get_seq_length() for cache in prompt_caches]
+    build, shared = _batch_builder(model, max((lengths[k] for k in set(prompt_of)), default=0), items)
+    # Past a sliding window, a left-padded prompt would shift what the window sees: one prompt per batch then.
+    groups = [list(range(len(items)))] if shared else [[i for i, p in enumerate(prompt_of) if p == k] for k in sorted(set(prompt_of))]
+    logprobs, wrong_tokens = _empty_scores(1, items)
+    cost = device_pass_cost(device.type)
+    chunks = [[group[i] for i in chunk] for group in groups for chunk in sorted_chunks([items[i] for i in group], batch_size, cost)]
+    for chunk in tqdm(chunks, desc="scoring", disable=not progress, leave=False):
+        batch = build([items[i] for i in chunk], 0, pad_id, cost).to(device)
+        if shared:
+            cache, prompt_mask = mixed_prompt_cache(prompt_caches, [prompt_of[i] for i in chunk])
+        else:  # one prompt in the batch, and whole rows (several a item): its own cache, broadcast
+            cache, prompt_mask = prompt_caches[prompt_of[chunk[0]]], None
+        logits = logits_at(
+            model, None, batch.input_ids, batch.attention_mask, batch.rows, batch.positions, batch.then, cache, prompt_mask
+        )  # [N, V]
+        lp, greedy = target_logprobs(logits, batch.targets)
+        _collect(batch, chunk, items, lp.cpu()[None], (~greedy).long().cpu()[None], logprobs, wrong_tokens)
+    return _scores(items, logprobs, wrong_tokens)
 
 
 def metrics(scores: Scores, prompt_index: int = 0) -> dict[str, float]:

@@ -34,19 +34,21 @@ import torch
 from torch import Tensor
 
 from softprompt.analysis import measures as analysis
-from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone
+from softprompt.backbones.loading import DEFAULT_MODEL, Backbone
 from softprompt.data.batch import Encoded, encode
 from softprompt.eval.scoring import Scores, metrics, score
 from softprompt.analysis.interpret import interpret_prompt, rows_to_json, run_init_ids
 from softprompt.core.prompt import embed_text
-from softprompt.io.runs import RUN_FILE, atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
+from softprompt.io.runs import atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
+from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs, worker_backbone
 from softprompt.tasks.superglue import get_task, load_examples
-from softprompt.train.loop import TrainConfig, TrainingDiverged, train
+from softprompt.train.loop import TrainConfig
 
 RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
+IN_PROCESS = ExecutorConfig(workers="1")  # the library's default: every run in the caller's process
 PER_RUN_KEYS = ("task", "seed")  # set by the study for each run, not in the config file
-SHARED_KEYS = ("model", "num_tokens", "device")  # one backbone, prompts of one shape: never set per task
+SHARED_KEYS = ("model", "num_tokens", "device", "dtype")  # one backbone, prompts of one shape: never set per task
 RESULT_NEUTRAL_KEYS = ("device", "eval_batch_size")  # a finished run with other values still counts as the same run
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN_KEYS)
 PER_TASK_KEYS = tuple(k for k in TRAIN_KEYS if k not in SHARED_KEYS)
@@ -210,32 +212,29 @@ def run_name(task: str, seed: int) -> str:
 
 
 def train_all(
-    config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, progress: bool, echo: Callable[[str], None]
+    config: StudyConfig, out_dir: Path, backbone: Backbone | None, data_dir: str | Path | None, progress: bool, echo: Callable[[str], None],
+    executor: ExecutorConfig | None = None,
 ) -> dict[str, str]:
-    """Train every (task, seed) not already done, resuming unfinished ones. Returns {run name: status}.
+    """Train every (task, seed) not already done, resuming unfinished ones, with `executor`. Returns {run name: status}.
 
     Raises:
         ValueError: a done run was trained with a different config (the message names the keys).
     """
-    jobs = [(task, seed) for task in config.tasks for seed in config.seeds]
-    statuses = {}
-    for i, (task, seed) in enumerate(jobs, start=1):
-        name, train_config = run_name(task, seed), config.train_config(task, seed)
-        run_dir = out_dir / "runs" / name
+    jobs, statuses = [], {}
+    data_dir = None if data_dir is None else str(Path(data_dir).resolve())  # workers may run elsewhere
+    grid = [(task, seed) for task in config.tasks for seed in config.seeds]
+    for i, (task, seed) in enumerate(grid, start=1):
+        name, train_config, label = run_name(task, seed), config.train_config(task, seed), f"run {i}/{len(grid)}: {task} seed {seed}"
+        run_dir = (out_dir / "runs" / name).resolve()
         if is_done(run_dir):
             _check_same_config(run_dir, train_config)
-            echo(f"run {i}/{len(jobs)}: {task} seed {seed} (done, skipped)")
+            echo(f"{label} (done, skipped)")
             statuses[name] = "done"
             continue
-        unfinished = (run_dir / RUN_FILE).is_file()  # killed or crashed: continue from its last checkpoint
-        echo(f"run {i}/{len(jobs)}: {task} seed {seed}" + (" (unfinished, resuming)" if unfinished else ""))
-        try:
-            record = train(train_config, run_dir, backbone=backbone, data_dir=data_dir, progress=progress, resume=unfinished)
-            statuses[name] = record["status"]
-            echo(f"run {i}/{len(jobs)}: {task} seed {seed}: val accuracy {record['val']['accuracy']:.1f} in {record['wall_s']:.0f} s")
-        except TrainingDiverged as e:
-            statuses[name] = "diverged"
-            echo(f"run {i}/{len(jobs)}: {task} seed {seed} diverged ({e}); left out of the analyses")
+        statuses[name] = "pending"  # keeps the grid's order
+        jobs.append(RunJob(name, train_config, str(run_dir), data_dir, label))
+    for name, outcome in run_jobs(jobs, executor or IN_PROCESS, backbone, echo, progress).items():
+        statuses[name] = "done" if outcome.status == "skipped" else outcome.status  # skipped: another process finished it
     return statuses
 
 
@@ -345,10 +344,12 @@ def run_study(
     backbone: Backbone | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    executor: ExecutorConfig | None = None,
 ) -> dict:
     """Train, evaluate and analyse every (task, seed) of a study, then write results.json and the report.
 
-    Re-running continues: done runs and cached scores are reused.
+    Re-running continues: done runs and cached scores are reused. `executor` says where the runs
+    train (default: one after another in this process; local workers; Ray); the analysis runs here.
 
     Returns:
         The results (also in `out_dir/results.json`).
@@ -358,8 +359,9 @@ def run_study(
     out_dir = Path(out_dir)
     started = time.time()
     atomic_write_json(out_dir / STUDY_FILE, config.to_json())
-    backbone = backbone or load_backbone(config.model, config.train.get("device", "auto"))
-    statuses = train_all(config, out_dir, backbone, data_dir, progress, echo)
+    statuses = train_all(config, out_dir, backbone, data_dir, progress, echo, executor)
+    device, dtype = config.train.get("device", "auto"), config.train.get("dtype", "auto")
+    backbone = backbone or worker_backbone(config.model, device, dtype)  # the one in-process runs loaded
     analysis_started = time.time()
     results = analyse(config, out_dir, backbone, data_dir, statuses, echo, progress)
     results["analysis_wall_s"] = round(time.time() - analysis_started, 1)  # scoring, interpretation, statistics

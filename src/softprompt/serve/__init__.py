@@ -1,0 +1,1 @@
+"""`softprompt serve`: one frozen model, a bank of task prompts, mixed-task batches behind HTTP."""

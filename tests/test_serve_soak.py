@@ -1,0 +1,149 @@
+"""`softprompt serve` under load (a bounded soak at concurrency 64) and SIGTERM (drain, then exit 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import TINY_CONFIGS
+from serve_helpers import bank_for, start, write_sources
+from softprompt.backbones.loading import model_from_config
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+VALID = [
+    ("/v1/classify", {"prompt": "cb", "inputs": [{"premise": "It rained all day.", "hypothesis": "The ground is wet"}]}),
+    ("/v1/classify", {"prompt": "copa", "inputs": [{"premise": "The man fell.", "choice1": "He slipped on ice.",
+                                                    "choice2": "He ate lunch.", "question": "cause"}]}),
+    ("/v1/classify", {"prompt": "plain", "inputs": [{"text": "Two plus two is", "choices": [" four", " five", " many"]}]}),
+    ("/v1/classify", {"prompt": ["cb", "copa", "plain"], "inputs": [{"text": "Sky colour:", "choices": [" blue", " green"]}]}),
+    ("/v1/completions", {"model": "copa", "prompt": [[12, 400, 77, 9], [5, 6]], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}),
+    ("/v1/completions", {"model": "plain", "prompt": "Hello", "max_tokens": 4, "temperature": 0.8, "seed": 3}),
+]
+BAD = [
+    ("/v1/classify", b'{"prompt": "cb", "inputs": [{', 400),
+    ("/v1/classify", {"prompt": "missing", "inputs": [{"text": "a", "choices": [" b"]}]}, 404),
+    ("/v1/classify", {"prompt": "cb", "inputs": [{"text": "a", "choices": [" b", " b"]}]}, 422),
+    ("/v1/classify", {"prompt": "cb", "inputs": [{"text": "a", "choices": [" b"]}] * 100}, 413),
+    ("/v1/completions", {"model": "cb", "prompt": [-1]}, 422),
+]
+
+
+def same(a, b, path="") -> None:
+    """JSON answers equal, floats within 1e-5; response ids and timestamps aside."""
+    if isinstance(a, dict):
+        keys = set(a) - {"id", "created"}
+        assert keys == set(b) - {"id", "created"}, path
+        for k in keys:
+            same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert abs(a - b) <= 1e-5, (path, a, b)
+    else:
+        assert a == b, path
+
+
+async def post(client: httpx.AsyncClient, path: str, body) -> httpx.Response:
+    if isinstance(body, bytes):
+        return await client.post(path, content=body, headers={"content-type": "application/json"})
+    return await client.post(path, json=body)
+
+
+def test_soak_at_concurrency_64_no_5xx_every_valid_request_answered_once_as_unloaded(tokenizer, tmp_path):
+    backbone = model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0)
+    bank = bank_for(backbone, write_sources(tmp_path))
+    plan = [(i, *(VALID[i // 2 % len(VALID)] if i % 2 == 0 else BAD[i // 2 % len(BAD)][:2])) for i in range(256)]
+
+    async def run(url):
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            unloaded = [(await post(client, path, body)).json() for path, body in VALID]  # one at a time
+            queue: asyncio.Queue = asyncio.Queue()
+            for item in plan:
+                queue.put_nowait(item)
+            answers: list[tuple[int, int, dict]] = []
+
+            async def worker():
+                while not queue.empty():
+                    i, path, body = queue.get_nowait()
+                    response = await post(client, path, body)
+                    answers.append((i, response.status_code, response.json()))
+
+            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(64))), timeout=240)
+            return unloaded, answers
+
+    started = time.perf_counter()
+    with start(backbone, bank, max_batch=16, max_wait_ms=5, max_queue=1024) as server:
+        unloaded, answers = asyncio.run(run(server.url))
+        batches = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+                   if line.startswith("softprompt_batch_rows_count")]
+    assert time.perf_counter() - started < 240
+    assert sorted(i for i, _, _ in answers) == list(range(256))  # every request answered exactly once
+    assert [s for _, s, _ in answers if s >= 500] == []
+    for i, status, body in answers:
+        if i % 2 == 0:
+            assert status == 200, body
+            same(body, unloaded[i // 2 % len(VALID)])
+        else:
+            assert status == BAD[i // 2 % len(BAD)][2], body
+            assert body["error"]["field"]
+    assert float(batches[0].split()[-1]) < 128 + len(VALID)  # requests shared forwards under load
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tmp_path):
+    sources = write_sources(tmp_path)
+    port = free_port()
+    command = [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
+               "--prompt", f"cb={sources['cb']}", "--port", str(port), "--max-wait-ms", "2000"]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()[1]
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        result = {}
+        body = {"prompt": "cb", "inputs": [{"premise": "It rained.", "hypothesis": "It is wet"}]}
+        request = threading.Thread(target=lambda: result.update(r=httpx.post(f"{url}/v1/classify", json=body, timeout=60)))
+        request.start()
+        time.sleep(0.5)  # the request now waits in the batcher (--max-wait-ms 2000)
+        process.send_signal(signal.SIGTERM)
+        request.join(timeout=60)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = process.stderr.read()
+    assert result["r"].status_code == 200, result["r"].text
+    assert result["r"].json()["results"][0]["label"] in ("entailment", "contradiction", "neutral")
+    assert code == 0, stderr
+    assert "drained; exiting" in stderr
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=2)

@@ -1,0 +1,94 @@
+"""Bootstrap intervals and the Mantel permutation test, on hand-made inputs with known answers."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from softprompt.analysis.statistics import accuracy_interval, beats, mantel
+
+# 4 tasks, asymmetric, all off-diagonal values distinct: only the identity relabelling reproduces it.
+X4 = np.array([[0, 3, 1, 7], [2, 0, 9, 4], [8, 5, 0, 6], [11, 10, 12, 0]], dtype=float)
+
+
+def test_interval_of_a_constant_is_the_point():
+    interval = accuracy_interval(np.ones(50, dtype=bool))
+    assert (interval.estimate, interval.low, interval.high, interval.n) == (100.0, 100.0, 100.0, 50)
+
+
+def test_interval_of_half_correct_matches_the_normal_approximation():
+    correct = np.tile([True, False], 200)  # 400 examples, 50% correct: standard error 2.5 points
+    interval = accuracy_interval(correct, seed=0)
+    assert interval.estimate == 50.0
+    assert interval.low == pytest.approx(50 - 1.96 * 2.5, abs=0.8)
+    assert interval.high == pytest.approx(50 + 1.96 * 2.5, abs=0.8)
+    assert accuracy_interval(correct, seed=0) == interval  # seeded: the report is reproducible
+
+
+def test_interval_over_seeds_is_the_seeds_mean():
+    correct = np.array([[1, 1, 0, 0, 1, 0, 1, 1], [1, 0, 0, 1, 1, 1, 1, 0]], dtype=bool)  # 62.5% and 62.5%
+    interval = accuracy_interval(correct)
+    assert interval.estimate == 62.5 and interval.n == 8
+    assert interval.low < 62.5 < interval.high
+
+
+def test_beats_needs_the_whole_interval_above():
+    interval = accuracy_interval(np.tile([True, False], 200))
+    assert beats(interval, 40.0) and not beats(interval, 48.0) and not beats(interval, 55.0)
+
+
+def test_empty_eval_set_is_an_error():
+    with pytest.raises(ValueError, match="at least one example"):
+        accuracy_interval(np.zeros(0))
+
+
+def test_mantel_perfect_correlation_has_the_smallest_p():
+    result = mantel(X4, 2 * X4 + 1)
+    assert result.spearman == pytest.approx(1.0) and result.pearson == pytest.approx(1.0)
+    assert result.exact and result.permutations == 24 and result.n_pairs == 12
+    assert result.spearman_p == pytest.approx(1 / 24) and result.pearson_p == pytest.approx(1 / 24)
+    assert result.pearson_naive_p < 1e-6  # the naive p-value is far too confident for 4 tasks
+
+
+def naive_mantel_p(x: np.ndarray, y: np.ndarray, correlation) -> float:
+    """The textbook definition, written out: every relabelling of y's tasks, r over off-diagonal pairs."""
+    off = ~np.eye(len(x), dtype=bool)
+    observed = correlation(x[off], y[off]).statistic
+    hits = [abs(correlation(x[off], y[np.ix_(p, p)][off]).statistic) >= abs(observed) - 1e-12
+            for p in itertools.permutations(range(len(x)))]
+    return float(np.mean(hits))
+
+
+def test_mantel_equals_the_naive_enumeration():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 5))
+    y = 0.5 * x + rng.normal(size=(5, 5))
+    result = mantel(x, y)
+    assert result.pearson_p == pytest.approx(naive_mantel_p(x, y, stats.pearsonr))
+    assert result.spearman_p == pytest.approx(naive_mantel_p(x, y, stats.spearmanr))
+    off = ~np.eye(5, dtype=bool)
+    assert result.spearman == pytest.approx(stats.spearmanr(x[off], y[off]).statistic)
+    assert result.pearson == pytest.approx(stats.pearsonr(x[off], y[off]).statistic)
+
+
+def test_mantel_samples_permutations_for_many_tasks():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(9, 9))
+    result = mantel(x, -x, permutations=499, seed=1)
+    assert not result.exact and result.permutations == 500
+    assert result.spearman == pytest.approx(-1.0) and result.spearman_p == pytest.approx(1 / 500)
+    assert mantel(x, -x, permutations=499, seed=1) == result
+
+
+def test_mantel_of_a_constant_matrix_is_nan():
+    result = mantel(X4, np.ones((4, 4)))
+    assert math.isnan(result.spearman) and math.isnan(result.spearman_p)
+
+
+def test_mantel_shapes_must_match():
+    with pytest.raises(ValueError, match=r"same square shape \[T, T\], got \[4, 4\] and \[3, 3\]"):
+        mantel(X4, np.ones((3, 3)))
