@@ -24,6 +24,7 @@ from softprompt.io.sources import check_tokenizer, load_prompt_source
 from softprompt.study.executors import ExecutorConfig
 from softprompt.serve.config import ServeConfig
 from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
+from softprompt.train import distributed
 from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
 
 
@@ -117,13 +118,19 @@ def train_command(ctx: click.Context, out: Path | None, resume: Path | None, dat
             if ctx.get_parameter_source("data_dir") is not ParameterSource.COMMANDLINE:
                 # a resume reads the data the run started with, not whatever $SOFTPROMPT_DATA_DIR says now
                 data_dir = read_run(resume).get("data", {}).get("dir") or data_dir
-        record = train(config, out, data_dir=data_dir, resume=resume is not None)
+        distributed.init_from_env()  # launched by torchrun / accelerate launch: one prompt, data-parallel
+        main = distributed.is_main()  # rank 0 reports; every rank returns the same record
+        record = train(config, out, data_dir=data_dir, resume=resume is not None, progress=main)
     except TrainingDiverged as e:
         _fail(str(e), code=3)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail(f"interrupted; continue from the last checkpoint with: softprompt train --resume {out}", code=130)
+    finally:
+        distributed.shutdown()
+    if not main:
+        return
     dev, val = record["dev"], record["val"]
     click.echo(
         f"{record['task']}: best epoch {record['best_epoch']}, dev accuracy {dev['accuracy']:.1f}, "

@@ -258,7 +258,9 @@ def _run_on_ray(jobs: list[RunJob], executor: ExecutorConfig, workers: int, echo
             job = in_flight.pop(ready[0])
             try:
                 outcomes[job.name] = ray.get(ready[0])
-            except ray.exceptions.WorkerCrashedError as e:
+            except ray.exceptions.RayTaskError:
+                raise  # the run's own error (a ValueError stays a ValueError): the message names the fix
+            except ray.exceptions.RayError as e:  # its worker died (killed, out of memory, node lost) every time it ran
                 raise RuntimeError(f"run {job.name}: its Ray worker died {executor.max_retries + 1} times; see {job.run_dir} ({e})") from None
             echo(_describe(job, outcomes[job.name], where=True))
     finally:

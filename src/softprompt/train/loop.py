@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, Backbone, load_backbone, tokenizer_identity
-from softprompt.data.batch import Batch, Encoded, bucketed_batches, encode, train_batch
+from softprompt.data.batch import Batch, bucketed_batches, encode
 from softprompt.eval.scoring import metrics, score
 from softprompt.eval.task_metrics import task_metrics
 from softprompt.analysis.interpret import nearest_tokens_in_model
@@ -52,6 +52,12 @@ from softprompt.io.runs import (
 )
 from softprompt.tasks.superglue import DataError, Example, Task, get_task, load_examples
 from softprompt.tasks.taskfile import data_files, split_name
+from softprompt.train import distributed
+
+# Data-parallel (torchrun): every rank trains the same prompt; rank 0 alone writes the run folder.
+atomic_write_json, save_prompt, save_checkpoint, remove_temp_files = map(
+    distributed.rank_zero_only, (atomic_write_json, save_prompt, save_checkpoint, remove_temp_files)
+)
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RESUMABLE_CHANGES = ("checkpoint_every",)  # config fields a resumed run may change: none alters the result
@@ -258,6 +264,7 @@ def train(
     task = get_task(config.task)
     data = data_fingerprint(task, data_dir)
     check_run_dir(out_dir, config, data, resume)
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     backbone = backbone or load_backbone(config.model, config.device, config.dtype)
@@ -303,10 +310,10 @@ def train(
         bar = tqdm(total=len(batches), initial=state.batch, desc=f"{task.name} epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         tokens, epoch_start, pending = 0, time.time(), None
         for i in range(state.batch, len(batches)):
-            batch = train_batch([train_items[j] for j in batches[i]], pad_id)
-            tokens += batch.num_tokens  # counted on the host, before the batch moves
-            loss = loss_step(backbone, prompt, batch.to(device))
-            value = read_step(record, out_dir, pending, loss)  # the one host sync of the step
+            # data-parallel: this rank's share of the batch; the loss read is the whole batch's on every rank
+            loss, num_tokens = distributed.share_loss(loss_step, backbone, prompt, [train_items[j] for j in batches[i]], pad_id)
+            tokens += num_tokens  # counted on the host, before the batch moves
+            value = read_step(record, out_dir, pending, distributed.batch_loss(loss))  # the one host sync of the step
             if not math.isfinite(value):
                 _diverged(record, out_dir, f"loss is {value} at epoch {state.epoch + 1}, step {state.step + 1}")
             (loss / config.grad_accum).backward()
@@ -338,6 +345,7 @@ def train(
         save_training_checkpoint(checkpoint, prompt, optimizer, generator.get_state(), state)
         atomic_write_json(out_dir / RUN_FILE, record)
 
+    distributed.barrier()  # rank 0 has written the best prompt
     best, _ = load_prompt(out_dir / PROMPT_FILE)
     record["best_epoch"] = state.best_epoch
     # the saved prompt was scored on dev when it was best; checkpoints from before best_dev existed rescore it
@@ -347,7 +355,8 @@ def train(
     record["wall_s"] = round(time.time() - started, 1)
     record["status"] = "done"
     atomic_write_json(out_dir / RUN_FILE, record)
-    checkpoint.unlink(missing_ok=True)  # a finished run is its prompt and record; nothing is left to resume
+    if distributed.is_main():
+        checkpoint.unlink(missing_ok=True)  # a finished run is its prompt and record; nothing is left to resume
     return record
 
 
@@ -393,6 +402,7 @@ def optimizer_step(prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer,
     The code is not read here (that would sync the host with the device every step): `read_step`
     reads it with the next loss, and before anything is saved, so a bad step is never checkpointed.
     """
+    distributed.sum_gradients(prompt)  # data-parallel: the whole batch's gradient on every rank
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([prompt], max_grad_norm)
     bad_grad = ~torch.isfinite(prompt.grad).all()
