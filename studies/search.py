@@ -15,10 +15,9 @@ from pathlib import Path
 
 from softprompt.backbones.loading import load_backbone
 from softprompt.io.runs import is_done, read_run
+from softprompt.report.paper import MAJORITY_CLASS as MAJORITY
+from softprompt.report.paper import ZERO_SHOT_SMOLLM2 as ZERO_SHOT
 from softprompt.train.loop import TrainConfig, train
-
-ZERO_SHOT = {"cb": 26.8, "rte": 55.6, "copa": 62.0, "wsc": 63.5}  # SmolLM2 no-prompt val accuracy (SPEC.md)
-MAJORITY = {"cb": 50.0, "rte": 52.7, "copa": 55.0, "wsc": 63.5}
 
 
 def main() -> None:

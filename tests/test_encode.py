@@ -24,8 +24,8 @@ from softprompt.tasks.superglue import Example, get_task, load_examples
 
 from conftest import FIXTURE_DATA
 
-TASK_NAMES = ["cb", "rte", "copa", "wsc"]  # the tasks with fixture rows
-EXAMPLES = [e for name in TASK_NAMES for split in ("train", "val") for e in load_examples(get_task(name), split, FIXTURE_DATA)]
+TASK_NAMES = list(TASKS)
+EXAMPLES = [e for task in TASKS.values() for split in ("train", "val") if task.splits[split] for e in load_examples(task, split, FIXTURE_DATA)]  # boolq: val only
 
 
 def sentencepiece_like(kind: str) -> PreTrainedTokenizerFast:

@@ -28,12 +28,7 @@ from softprompt.io.runs import atomic_write_bytes  # noqa: E402
 REPORT_FILE = "report.html"
 FIGURES = ("tsne", "pca", "similarity", "transfer", "spot", "ablation")
 
-# "Interpreting Prompt-Tuning Across SuperGLUE Tasks", Table 1 (bloomz-560m, 4 runs per task).
-PAPER_TABLE1 = {"cb": (119.2, 1.31), "rte": (107.7, 3.5), "copa": (111.2, 38.5), "wsc": (135.3, 3.8)}
-# Its Table 2: zero-shot median / max accuracy over prompts, from the BLOOMZ paper.
-PAPER_TABLE2 = {"copa": (55, 67), "cb": (43, 61), "wsc": (51, 52), "rte": (53, 54)}
-# Majority-class rate of each val split (SPEC.md).
-MAJORITY_CLASS = {"cb": 50.0, "rte": 52.7, "copa": 55.0, "wsc": 63.5}
+from softprompt.report.paper import MAJORITY_CLASS, PAPER_TABLE1, PAPER_TABLE2  # noqa: E402 - the paper's numbers, one place
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from softprompt.analysis.interpret import interpret_prompt, rows_to_json, run_in
 from softprompt.core.prompt import InitMethod, embed_text
 from softprompt.io.runs import atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs, worker_backbone
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.tasks.superglue import get_task, is_task_file, load_examples
 from softprompt.train.loop import TrainConfig
 
 RESULTS_FILE = "results.json"
@@ -235,8 +235,13 @@ def _check_type(key: str, value: Any, hint: Any, source: str) -> None:
     raise ValueError(f"{source}: key `{key}` must be {names}, got {value!r}")
 
 
+def task_key(task: str) -> str:
+    """A file-name-safe name for a `tasks` entry: a built-in's name, or a task file's stem."""
+    return Path(task).stem if is_task_file(task) else task
+
+
 def run_name(task: str, seed: int) -> str:
-    return f"{task}-s{seed}"
+    return f"{task_key(task)}-s{seed}"
 
 
 def train_all(
@@ -297,7 +302,7 @@ def fingerprint(items: list[Encoded]) -> str:
 
 
 def _cache_path(out_dir: Path, source: str, task: str) -> Path:
-    return out_dir / "scores" / f"{source}__{task}.json"
+    return out_dir / "scores" / f"{source.replace('/', '_').replace(chr(92), '_')}__{task_key(task)}.json"  # a task file's path in `text-<task>`
 
 
 def _load_cached(path: Path, key: dict) -> Scores | None:
