@@ -163,6 +163,12 @@ def test_bad_classify_requests_are_4xx_json_naming_the_field(client, body, statu
     assert field.split("[")[0] in error["message"] or error["field"] == "body"
 
 
+def test_a_body_not_sent_as_json_is_415_saying_how(client):
+    response = client.post("/v1/classify", content=b'{"prompt": "cb"}', headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 415 and response.json()["error"]["field"] == "Content-Type"
+    assert "application/json" in response.json()["error"]["message"]
+
+
 def test_unknown_prompt_lists_the_valid_names(client):
     response = client.post("/v1/classify", json={"prompt": "nope", "inputs": [{"text": "a", "choices": [" b"]}]})
     assert response.json()["error"]["message"] == "unknown prompt 'nope'; this server holds: random-llama, cb, copa, plain"

@@ -204,6 +204,10 @@ def create_app(backbone: Backbone, bank: list[BankEntry], config: ServeConfig, r
             return fail(request, ApiError(400, f"the body is not valid JSON ({first.get('msg')}); send a JSON object",
                                           "body", "invalid_json"))
         field = _field(tuple(first.get("loc", ())))
+        content_type = request.headers.get("content-type", "")
+        if field == "body" and "json" not in content_type:  # curl -d sends a form unless told otherwise
+            return fail(request, ApiError(415, f"the body was sent as {content_type or 'no content type'}; send JSON with "
+                                               "`Content-Type: application/json`", "Content-Type", "unsupported_media_type"))
         return fail(request, ApiError(422, f"{field}: {first.get('msg')}", field))
 
     @app.exception_handler(StarletteHTTPException)

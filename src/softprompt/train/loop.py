@@ -50,6 +50,7 @@ from softprompt.io.runs import (
     save_checkpoint,
     save_prompt,
 )
+from softprompt.io.sources import load_prompt_source
 from softprompt.tasks.superglue import DataError, Example, Task, get_task, load_examples
 from softprompt.tasks.taskfile import data_files, split_name
 from softprompt.train import distributed
@@ -196,7 +197,7 @@ def initial_prompt(backbone: Backbone, task: Task, config: TrainConfig, generato
     """The `[P, H]` starting prompt for `config.init`."""
     model, tokenizer, n = backbone.model, backbone.tokenizer, config.num_tokens
     if config.init is InitMethod.PROMPT:
-        source, _ = load_prompt(Path(config.init_from), hidden_size=backbone.hidden_size)
+        source = load_prompt_source(Path(config.init_from), hidden_size=backbone.hidden_size).prompt
         return from_prompt(source, n, backbone.hidden_size, f"--init-from {config.init_from}")
     if config.init is InitMethod.RANDOM:
         return random_uniform(n, backbone.hidden_size, generator)
