@@ -15,10 +15,9 @@ from pathlib import Path
 
 from softprompt.backbones.loading import load_backbone
 from softprompt.io.runs import is_done, read_run
+from softprompt.report.paper import MAJORITY_CLASS as MAJORITY
+from softprompt.report.paper import ZERO_SHOT_SMOLLM2 as ZERO_SHOT
 from softprompt.train.loop import TrainConfig, train
-
-ZERO_SHOT = {"cb": 26.8, "rte": 55.6, "copa": 62.0, "wsc": 63.5}  # SmolLM2 no-prompt val accuracy (SPEC.md)
-MAJORITY = {"cb": 50.0, "rte": 52.7, "copa": 55.0, "wsc": 63.5}
 
 
 def main() -> None:
@@ -28,6 +27,7 @@ def main() -> None:
     parser.add_argument("--init", nargs="+", default=["text"])
     parser.add_argument("--num-tokens", type=int, nargs="+", default=[20])
     parser.add_argument("--seed", type=int, nargs="+", default=[0])
+    parser.add_argument("--optimizer", nargs="+", default=["adamw"], help="adamw and/or adafactor (Lester: adafactor, lr 0.3)")
     parser.add_argument("--max-train-examples", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -35,12 +35,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/search"))
     args = parser.parse_args()
     backbone = load_backbone()
-    for task, lr, init, n, seed in itertools.product(args.task, args.lr, args.init, args.num_tokens, args.seed):
-        run_dir = args.out / f"{task}-{init}-p{n}-lr{lr:g}-n{args.max_train_examples}-e{args.epochs}-s{seed}"
+    for task, lr, init, n, seed, opt in itertools.product(args.task, args.lr, args.init, args.num_tokens, args.seed, args.optimizer):
+        name = f"{task}-{init}-p{n}-lr{lr:g}-n{args.max_train_examples}-e{args.epochs}-s{seed}"
+        run_dir = args.out / (name if opt == "adamw" else f"{name}-{opt}")  # adamw keeps the earlier runs' names
         if not is_done(run_dir):
             config = TrainConfig(
                 task=task, lr=lr, init=init, num_tokens=n, seed=seed, epochs=args.epochs,
-                max_train_examples=args.max_train_examples, batch_size=args.batch_size,
+                max_train_examples=args.max_train_examples, batch_size=args.batch_size, optimizer=opt,
             )
             train(config, run_dir, backbone=backbone, data_dir=args.data_dir, progress=False)
         record = read_run(run_dir)

@@ -239,6 +239,18 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_bac
     assert not is_done(out)
 
 
+@pytest.mark.parametrize("max_steps, where", [(None, "epoch 1, step 5"), (3, "epoch 1, step 3")], ids=["epoch-end", "max-steps"])
+def test_a_bad_last_step_is_caught_before_anything_is_saved(tmp_path, tiny_backbone, monkeypatch, max_steps, where):
+    """The step's finiteness check is read with the next loss (no extra host sync); a step with no next
+    loss (an epoch's last, or the --max-steps one) is still checked before dev scoring and saving."""
+    out = tmp_path / "run"
+    nan_loss_at(monkeypatch, int(where[-1]), finite_loss_nan_grad=True)
+    with pytest.raises(TrainingDiverged, match=rf"gradient is not finite at {where}"):
+        run_train(tiny_backbone, out, max_steps=max_steps)
+    prompt, meta = load_prompt(out / PROMPT_FILE)
+    assert torch.isfinite(prompt).all() and "epoch" not in meta  # the init: no epoch ended
+
+
 def test_cli_exits_3_on_divergence(tmp_path, tiny_model_dir, monkeypatch):
     nan_loss_at(monkeypatch, 2)
     out = tmp_path / "run"

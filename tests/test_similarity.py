@@ -48,9 +48,9 @@ def test_activated_needs_more_than_half_of_the_probe_tokens():
 
 def naive_rates(model, prompt, input_ids, attention_mask) -> torch.Tensor:
     """Reference: one plain forward of [prompt; input] with inputs_embeds, hooks read the input positions."""
-    # [prompt; input] by hand (the forward branch removed `prepend`; production never called it)
-    embeds = torch.cat([prompt.expand(input_ids.shape[0], -1, -1), model.get_input_embeddings()(input_ids)], dim=1)
-    mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], prompt.shape[0]), attention_mask], dim=1)
+    batch = input_ids.shape[0]
+    embeds = torch.cat([prompt.expand(batch, -1, -1), model.get_input_embeddings()(input_ids)], dim=1)  # [B, P+T, H]
+    mask = torch.cat([attention_mask.new_ones(batch, prompt.shape[0]), attention_mask], dim=1)
     seen = []
     hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0][:, prompt.shape[0]:])) for m in ffn_output_projections(model)]
     with torch.no_grad():

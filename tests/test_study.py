@@ -22,14 +22,18 @@ from softprompt.study.pipeline import StudyConfig, run_study
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
 TABLES = ("accuracy", "ensemble", "stochasticity", "zero_shot", "runs", "similarity", "cosine", "similarity_centroids",
           "transfer_accuracy", "transfer_gain_accuracy", "transfer_exact_match", "transfer_gain_exact_match",
-          "correlation", "task_distances", "norms", "maps", "nearest_tokens")
+          "correlation", "task_distances", "norms", "maps", "nearest_tokens",
+          # issue 14: intervals, measures and their ranking, SPoT, drift, Lester's ablation
+          "accuracy_intervals", "similarity_measures", "similarity_average_token_cosine", "similarity_per_token_cosine",
+          "similarity_neuron_overlap", "spot_gain", "spot_accuracy", "spot_default", "drift", "ablation")
 
 
 
 
 def tiny_study(model: Path, **overrides) -> StudyConfig:
     data = dict(tasks=["cb", "rte"], seeds=[0, 1], model=str(model), num_tokens=4, lr=0.05, epochs=1, max_steps=2,
-                batch_size=4, min_dev_examples=4, eval_batch_size=8, top_k=2, device="cpu")
+                batch_size=4, min_dev_examples=4, eval_batch_size=8, top_k=2, device="cpu",
+                snapshot_every=1, spot_steps=2, probe_examples=2, ablation_lengths=[1, 4], ablation_inits=["text", "random"])
     return StudyConfig.from_dict(data | overrides)
 
 
@@ -160,8 +164,33 @@ def test_report_escapes_token_strings(study_dir, tmp_path):
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
 def test_every_study_config_loads(path):
     config = StudyConfig.from_toml(path)
-    assert set(config.tasks) == {"cb", "rte", "copa", "wsc"}
-    assert len(config.seeds) >= 2
+    assert set(config.tasks) <= {"cb", "rte", "copa", "wsc", "wic", "multirc"} and config.seeds
+
+
+def test_issue_14_configs_set_their_stages():
+    studies = {p.stem: StudyConfig.from_toml(p) for p in STUDIES}
+    assert {"quick", "paper", "gemma-quick", "drift", "ablation"} <= set(studies)
+    for name in ("quick", "paper", "gemma-quick"):
+        assert len(studies[name].tasks) >= 4 and len(studies[name].seeds) >= 2 and studies[name].spot_steps > 0, name
+    assert studies["gemma-quick"].model == studies["drift"].model == "gemma3-270m"
+    drift = studies["drift"].train_config("cb", 0)
+    assert drift.snapshot_every and drift.epochs >= 10 and drift.lr > studies["quick"].train_config("cb", 0).lr
+    ablation = studies["ablation"]
+    assert (len(ablation.tasks), ablation.ablation_lengths, ablation.ablation_inits) == (
+        2, (1, 5, 20, 100), ("text", "class-labels", "vocab", "random"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"spot_steps": -1}, "`spot_steps` must be 0 \\(off\\) or more, got -1"),
+     ({"ablation_lengths": [1, 5]}, "`ablation_lengths` and `ablation_inits` go together"),
+     ({"ablation_lengths": [0], "ablation_inits": ["text"]}, "`ablation_lengths` must list lengths >= 1, got \\[0\\]"),
+     ({"ablation_lengths": [1], "ablation_inits": ["prompt"]}, "`ablation_inits` has \\['prompt'\\]; choose from text, class-labels, vocab, random")],
+    ids=["spot-steps", "ablation-half", "ablation-length", "ablation-init"],
+)
+def test_stage_keys_are_checked(change, message):
+    with pytest.raises(ValueError, match=message):
+        StudyConfig.from_dict(dict(tasks=["cb", "rte"], seeds=[0]) | change)
 
 
 def test_paper_config_is_the_paper_protocol():
@@ -223,6 +252,7 @@ def test_study_command_continues_a_study(study_dir, tiny_model_dir, tmp_path):
     config.write_text(
         f'tasks = ["cb", "rte"]\nseeds = [0, 1]\nmodel = "{tiny_model_dir}"\nnum_tokens = 4\nlr = 0.05\nepochs = 1\nmax_steps = 2\n'
         'batch_size = 4\nmin_dev_examples = 4\neval_batch_size = 8\ntop_k = 2\ndevice = "cpu"\n'
+        'snapshot_every = 1\nspot_steps = 2\nprobe_examples = 2\nablation_lengths = [1, 4]\nablation_inits = ["text", "random"]\n'
     )
     result = CliRunner().invoke(app, ["study", str(config), "--out", str(study_dir), "--data-dir", str(FIXTURE_DATA), "--quiet"])
     assert result.exit_code == 0, result.output
@@ -245,6 +275,15 @@ def test_report_is_honest_and_highlights_persisted_tokens(study_dir, tmp_path):
     results["interpret"][results["representative"]["cb"]]["rows"][0]["persisted"] = True
     (tmp_path / "results.json").write_text(json.dumps(results))
     text = write_report(tmp_path).read_text()
-    assert "CB: mean soft-prompt accuracy 40.0 over 2 seed(s) does NOT beat no prompt (45.0);" in text
-    assert "RTE: mean soft-prompt accuracy 70.0 over 2 seed(s) beats no prompt (50.0) and the majority class (50.0);" in text
+    cb["intervals"]["mean"] |= {"low": 35.0, "high": 45.0}
+    rte["intervals"]["mean"] |= {"low": 60.0, "high": 80.0}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert "CB: mean soft-prompt accuracy 40.0 [95% interval 35.0–45.0] over 2 seed(s) (sd " in text
+    assert "does NOT beat no prompt (45.0)" in text
+    assert "RTE: mean soft-prompt accuracy 70.0 [95% interval 60.0–80.0] over 2 seed(s)" in text
+    assert "beats no prompt (50.0) and the majority class (50.0)" in text
+    rte["intervals"]["mean"]["low"], rte["sd_accuracy"] = 49.0, 1.5  # the mean is above the baseline, its interval is not: no verdict of "beats"
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert "RTE: mean soft-prompt accuracy 70.0 [95% interval 49.0–80.0] over 2 seed(s) (sd 1.5) does NOT beat no prompt (50.0)" in write_report(tmp_path).read_text()
     assert text.count('class="cell persisted"') == 1

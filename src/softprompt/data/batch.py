@@ -129,7 +129,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def whole_rows_batch(items: list[Encoded], first_index: int, pad_id: int) -> Batch:
+PASS_COSTS = {"cpu": 48, "cuda": 512}
+"""What one more forward pass costs, in padded tokens, per device type. A pass reads every weight of
+the model once (half a GB for SmolLM2-135M in fp32). CPU: with one thread a 1-token pass takes
+42 ms, while each token of a big pass adds 1.75 ms, and small passes also run their matmuls less
+efficiently; of 0, 48, 100 and 200 tried on 32 COPA val examples, 48 and 100 were fastest (within
+5% of each other) and 0 was 1.9x slower. CUDA: a GPU runs a few hundred tokens of a small model in
+about the time of one (launch- and weight-read-bound), so a pass is worth far more padding; 512 is
+a guess, not measured. Batching trades padding against passes at this rate."""
+PASS_COST = PASS_COSTS["cpu"]
+
+
+def device_pass_cost(device_type: str) -> float:
+    """`PASS_COSTS` for a device type (`cpu`, `cuda`); other devices get the CPU's."""
+    return PASS_COSTS.get(device_type, PASS_COST)
+
+
+def whole_rows_batch(items: list[Encoded], first_index: int, pad_id: int, pass_cost: float = PASS_COST) -> Batch:
     """One row per (item, choice): the context and all but the last token of the choice, no continuation rows.
 
     For models whose sliding-window attention would see a continuation row's context wrongly (its
@@ -146,7 +162,7 @@ def whole_rows_batch(items: list[Encoded], first_index: int, pad_id: int) -> Bat
     return _build(rows, scored, pairs, pad_id)
 
 
-def score_batch(items: list[Encoded], first_index: int, pad_id: int) -> Batch:
+def score_batch(items: list[Encoded], first_index: int, pad_id: int, pass_cost: float = PASS_COST) -> Batch:
     """One row per item: its context, then its longest multi-token choice; other choices read what they share.
 
     A row is the context followed by all but the last token of the item's longest choice (of more
@@ -182,19 +198,11 @@ def score_batch(items: list[Encoded], first_index: int, pad_id: int) -> Batch:
     parents = torch.tensor([parent for _, parent, _, _ in continuations])
     contexts = torch.tensor([n for _, _, n, _ in continuations])
     lengths = [len(tokens) for tokens, *_ in continuations]  # longest first
-    groups = [(start, end, lengths[start]) for start, end in cheapest_ranges(lengths)]
+    groups = [(start, end, lengths[start]) for start, end in cheapest_ranges(lengths, pass_cost=pass_cost)]
     batch.then = Continuation(ids, mask, parents, contexts, cont_rows, cont_positions, groups)
     batch.targets = torch.cat([batch.targets, targets])
     batch.segments = torch.cat([batch.segments, segments])
     return batch
-
-
-PASS_COST = 48
-"""What one more forward pass costs, in padded tokens. A pass reads every weight of the model once
-(half a GB for SmolLM2-135M in fp32): with one CPU thread a 1-token pass takes 42 ms, while each
-token of a big pass adds 1.75 ms, and small passes also run their matmuls less efficiently. Of
-0, 48, 100 and 200 tried on 32 COPA val examples, 48 and 100 were fastest (within 5% of each other)
-and 0 was 1.9x slower. Batching trades padding against passes at this rate."""
 
 
 def cheapest_ranges(lengths: list[int], max_rows: int | None = None, pass_cost: float = PASS_COST) -> list[tuple[int, int]]:
@@ -221,7 +229,7 @@ def length_of(item: Encoded) -> int:
     return len(item.context) + max(len(c) for c in item.choices)
 
 
-def sorted_chunks(items: list[Encoded], batch_size: int) -> list[list[int]]:
+def sorted_chunks(items: list[Encoded], batch_size: int, pass_cost: float = PASS_COST) -> list[list[int]]:
     """Indices in batches of similar row length (longest first), for evaluation.
 
     A row is `score_batch`'s: the context and the longest choice. At most `batch_size` items a batch;
@@ -230,7 +238,7 @@ def sorted_chunks(items: list[Encoded], batch_size: int) -> list[list[int]]:
     """
     order = sorted(range(len(items)), key=lambda i: -length_of(items[i]))
     continues = any(sum(len(c) > 1 for c in item.choices) > 1 for item in items)
-    ranges = cheapest_ranges([length_of(items[i]) - 1 for i in order], batch_size, (2 if continues else 1) * PASS_COST)
+    ranges = cheapest_ranges([length_of(items[i]) - 1 for i in order], batch_size, (2 if continues else 1) * pass_cost)
     return [order[start:end] for start, end in ranges]
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from softprompt.backbones.loading import Backbone
-from softprompt.data.batch import Batch, Encoded, length_of, score_batch, sorted_chunks, whole_rows_batch
+from softprompt.data.batch import Batch, Encoded, device_pass_cost, length_of, score_batch, sorted_chunks, whole_rows_batch
 from softprompt.core.forward import logits_at, mixed_prompt_cache, prompt_keys_values, sliding_window
 
 
@@ -125,8 +125,9 @@ def score(
     pad_id = backbone.tokenizer.pad_token_id
     build, _ = _batch_builder(model, 0 if prompts is None else prompts.shape[1], items)
     caches = [None] * k if prompts is None else [prompt_keys_values(model, prompt) for prompt in prompts]  # once per prompt
-    for chunk in tqdm(sorted_chunks(items, batch_size), desc="scoring", disable=not progress, leave=False):
-        batch = build([items[i] for i in chunk], 0, pad_id).to(device)
+    cost = device_pass_cost(device.type)
+    for chunk in tqdm(sorted_chunks(items, batch_size, cost), desc="scoring", disable=not progress, leave=False):
+        batch = build([items[i] for i in chunk], 0, pad_id, cost).to(device)
         n = batch.targets.shape[0]
         token_lp, greedy_wrong = torch.zeros(k, n), torch.zeros(k, n, dtype=torch.long)
         for j in range(k):  # one forward per prompt, on top of its keys/values computed once for all batches
@@ -167,9 +168,10 @@ def score_mixed(
     # Past a sliding window, a left-padded prompt would shift what the window sees: one prompt per batch then.
     groups = [list(range(len(items)))] if shared else [[i for i, p in enumerate(prompt_of) if p == k] for k in sorted(set(prompt_of))]
     logprobs, wrong_tokens = _empty_scores(1, items)
-    chunks = [[group[i] for i in chunk] for group in groups for chunk in sorted_chunks([items[i] for i in group], batch_size)]
+    cost = device_pass_cost(device.type)
+    chunks = [[group[i] for i in chunk] for group in groups for chunk in sorted_chunks([items[i] for i in group], batch_size, cost)]
     for chunk in tqdm(chunks, desc="scoring", disable=not progress, leave=False):
-        batch = build([items[i] for i in chunk], 0, pad_id).to(device)
+        batch = build([items[i] for i in chunk], 0, pad_id, cost).to(device)
         if shared:
             cache, prompt_mask = mixed_prompt_cache(prompt_caches, [prompt_of[i] for i in chunk])
         else:  # one prompt in the batch, and whole rows (several a item): its own cache, broadcast

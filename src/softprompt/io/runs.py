@@ -287,5 +287,6 @@ def provenance() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),  # CPU reductions may round differently with another count
+        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,  # data-parallel ranks
         "git_commit": git_commit(),
     }

@@ -20,19 +20,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from softprompt.io.runs import atomic_write_bytes  # noqa: E402
 
 REPORT_FILE = "report.html"
-FIGURES = ("tsne", "pca", "similarity", "transfer")
+FIGURES = ("tsne", "pca", "similarity", "transfer", "spot", "ablation")
 
-# "Interpreting Prompt-Tuning Across SuperGLUE Tasks", Table 1 (bloomz-560m, 4 runs per task).
-PAPER_TABLE1 = {"cb": (119.2, 1.31), "rte": (107.7, 3.5), "copa": (111.2, 38.5), "wsc": (135.3, 3.8)}
-# Its Table 2: zero-shot median / max accuracy over prompts, from the BLOOMZ paper.
-PAPER_TABLE2 = {"copa": (55, 67), "cb": (43, 61), "wsc": (51, 52), "rte": (53, 54)}
-# Majority-class rate of each val split (SPEC.md).
-MAJORITY_CLASS = {"cb": 50.0, "rte": 52.7, "copa": 55.0, "wsc": 63.5}
+from softprompt.report.paper import MAJORITY_CLASS, PAPER_TABLE1, PAPER_TABLE2  # noqa: E402 - the paper's numbers, one place
 
 
 @dataclass(frozen=True)
@@ -161,6 +157,69 @@ def runs_table(results: dict) -> Table:
     return Table("runs", "Training runs", columns, rows, "Val metrics here are on the full val split (from run.json).")
 
 
+def interval_table(results: dict) -> Table:
+    rows = []
+    for task in results["tasks"]:
+        ev = results["evaluation"][task]
+        iv = ev.get("intervals")
+        if not iv:
+            continue
+        entries = [("no prompt", iv["no_prompt"], None), ("text prompt", iv["text_prompt"], None)]
+        entries += [(f"seed {name.rsplit('-s', 1)[1]}", s, s["beats"]) for name, s in iv["seeds"].items()]
+        if "mean" in iv:
+            entries.append((f"mean of {len(iv['seeds'])} seed(s)", iv["mean"], iv["beats"]))
+        for label, i, verdict in entries:
+            sd = ev.get("sd_accuracy") if label.startswith("mean") else None
+            rows.append([task, label, i["n"], i["estimate"], i["low"], i["high"], sd, iv["baseline"], "" if verdict is None else ("yes" if verdict else "no")])
+    columns = ["task", "prompt", "n", "accuracy", "95% low", "95% high", "sd over seeds", "baseline max(no prompt, majority)", "beats baseline"]
+    note = ("Percentile bootstrap over val examples (2,000 resamples, seeded); for the mean of the seeds the examples are resampled "
+            "jointly for every seed, so its interval is over examples, and the sd beside it is the spread over seeds. "
+            "'beats baseline' means the whole interval lies above max(no prompt, majority class).")
+    return Table("accuracy_intervals", "Accuracy with 95% intervals, and the verdict", columns, rows, note)
+
+
+MEASURE_TITLES = {
+    "frobenius": "||A-B||_F (the paper's)", "cosine": "cosine of flattened prompts",
+    "average_token_cosine": "cosine of average tokens (SPoT)", "per_token_cosine": "per-token average cosine (SPoT)",
+    "neuron_overlap": "ON: overlap of activated FFN neurons (Su et al.)",
+}
+
+
+def predictor_table(results: dict) -> Table:
+    rows = [[r["transfer"], r["rank"], MEASURE_TITLES.get(r["measure"], r["measure"]), r["n_pairs"], r["spearman"], r["spearman_p"],
+             r["pearson"], r["pearson_p"], r["spearman_naive_p"], f"{r['permutations']} ({'all' if r['exact'] else 'sampled'})"]
+            for r in results.get("predictors", [])]
+    columns = ["transfer", "rank", "measure", "pairs", "Spearman", "Mantel p", "Pearson", "Mantel p", "naive Spearman p", "relabellings"]
+    note = ("Each measure is oriented so that higher = more similar (||A-B||_F is negated): a positive coefficient means more similar "
+            "prompts transfer better. Mantel p: two-sided, over joint relabellings of the tasks (pairs share tasks, so the naive p-value, "
+            "which treats them as independent, is too small). The smallest possible Mantel p is 1/T! for T tasks.")
+    return Table("similarity_measures", "Which similarity measure predicts transfer?", columns, rows, note)
+
+
+def drift_table(results: dict) -> Table:
+    rows = []
+    for name, d in results.get("drift", {}).items():
+        for snap in d["snapshots"]:
+            scripts = ", ".join(f"{k} {v}" for k, v in snap["scripts"].items())
+            correct = "; ".join(f"row {p}: {tok} ({'/'.join(langs)})" for p, tok, langs in snap["correct_rows"])
+            rows.append([name, d["task"], snap["epoch"], snap["step"], f"{snap['persisted']}/{d['num_rows']}",
+                         f"{snap['left_script']}/{d['num_rows']}", scripts, correct, " ".join(snap["tokens"])])
+    columns = ["run", "task", "epoch", "step", "rows on init token", "rows left init's script", "scripts of nearest tokens",
+               "'correct'/'accurate' tokens", "nearest token per row"]
+    note = ("From prompt snapshots saved every `snapshot_every` epochs (epoch 0 = the init). 'Left the script': the nearest token's Unicode "
+            "script differs from the init token's (Common tokens, i.e. punctuation, digits, spaces, never count). 'Correct' tokens: a whole token "
+            "equal (case-folded, stripped) to a word in the hand-written list softprompt.analysis.drift.CORRECT_WORDS; sub-word pieces and "
+            "unlisted languages are missed, so an empty cell means none of those words.")
+    return Table("drift", "Drift of the nearest tokens over training", columns, rows, note)
+
+
+def ablation_table(results: dict) -> Table:
+    ab = results.get("ablation") or {}
+    rows = [[task, init, *values] for task, by_init in ab.get("accuracy", {}).items() for init, values in by_init.items()]
+    return Table("ablation", "Lester's ablation: val accuracy by prompt length and init", ["task", "init", *(f"{n} tokens" for n in ab.get("lengths", []))],
+                 rows, "One seed per cell; full val split (from each run's run.json).")
+
+
 TRANSFER_TABLES = (  # (CSV name, results key, title)
     ("transfer_accuracy", "accuracy", "Transfer: accuracy of each task's prompt (rows) on each task (columns)"),
     ("transfer_gain_accuracy", "gain_accuracy", "Transfer gain: accuracy minus the column task's no-prompt accuracy"),
@@ -193,6 +252,16 @@ def all_tables(results: dict) -> list[Table]:
         rows = [[n, g_, *t, *p] for n, g_, t, p in zip(stoch["prompts"], stoch["groups"], stoch["maps"]["tsne"], stoch["maps"]["pca"])]
         tables.append(Table("maps", "2-D maps of the prompts", ["run", "task", "tsne x", "tsne y", "pca x", "pca y"], rows))
     tables.append(nearest_token_table(results))
+    tables += [interval_table(results), predictor_table(results), drift_table(results), ablation_table(results)]
+    for name, matrix in sim.get("measures", {}).items():
+        if name not in ("frobenius", "cosine"):
+            tables.append(matrix_table(f"similarity_{name}", MEASURE_TITLES[name], sim["tasks"], matrix))
+    spot = results.get("spot")
+    if spot:
+        note = f"Target val accuracy after {spot['steps']} steps from the row task's prompt, minus the same budget from the target's own init."
+        tables.append(matrix_table("spot_gain", "SPoT gain: source prompt (rows) -> target task (columns)", spot["tasks"], spot["gain"], note, "source \\ target"))
+        tables.append(matrix_table("spot_accuracy", "SPoT: target val accuracy from each source prompt", spot["tasks"], spot["accuracy"], corner="source \\ target"))
+        tables.append(Table("spot_default", "SPoT baseline: the target's own init, same budget", ["task", "val accuracy"], [[t, a] for t, a in spot["default"].items()]))
     return tables
 
 
@@ -261,6 +330,38 @@ def transfer_figure(transfer: dict) -> bytes:
     return _png(fig)
 
 
+def spot_figure(transfer: dict, spot: dict) -> bytes:
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.6), constrained_layout=True)
+    heatmap(transfer["gain_accuracy"], transfer["tasks"], transfer["tasks"], "zero-shot transfer: accuracy gain over no prompt", "RdBu", axes[0], center_zero=True)
+    heatmap(spot["gain"], spot["tasks"], spot["tasks"], f"SPoT gain over own init ({spot['steps']} steps)", "RdBu", axes[1], center_zero=True)
+    for ax in axes:
+        ax.set_xlabel("target task")
+        ax.set_ylabel("source prompt")
+    return _png(fig)
+
+
+def ablation_figure(ablation: dict, evaluation: dict) -> bytes:
+    """Lester et al.'s Figure 3: val accuracy against prompt length (log x), one line per init, one panel per task."""
+    tasks = list(ablation["accuracy"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), constrained_layout=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, (init, values) in enumerate(ablation["accuracy"][task].items()):
+            ys = [np.nan if v is None else v for v in values]
+            ax.plot(ablation["lengths"], ys, marker="o", color=f"C{i}", label=init)
+        ev = evaluation.get(task, {})
+        if ev:
+            ax.axhline(ev["no_prompt"]["accuracy"], color="grey", ls="--", lw=1, label="no prompt")
+            ax.axhline(ev["majority_class"], color="black", ls=":", lw=1, label="majority class")
+        ax.set_xscale("log")
+        ax.set_xticks(ablation["lengths"], [str(n) for n in ablation["lengths"]])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the lengths trained are labelled
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("val accuracy (%)")
+        ax.set_title(task.upper())
+        ax.legend(frameon=False, fontsize=8)
+    return _png(fig)
+
+
 def figures(results: dict) -> dict[str, bytes]:
     out = {}
     stoch = results["stochasticity"]
@@ -271,6 +372,10 @@ def figures(results: dict) -> dict[str, bytes]:
         out["similarity"] = similarity_figure(results["similarity"])
     if results["transfer"].get("tasks"):
         out["transfer"] = transfer_figure(results["transfer"])
+    if results.get("spot") and results["transfer"].get("tasks"):
+        out["spot"] = spot_figure(results["transfer"], results["spot"])
+    if (results.get("ablation") or {}).get("accuracy"):
+        out["ablation"] = ablation_figure(results["ablation"], results["evaluation"])
     return out
 
 
@@ -350,7 +455,10 @@ def _script_counts(results: dict, task: str) -> str:
 
 
 def verdicts(results: dict) -> list[str]:
-    """One honest sentence per task: does the soft prompt beat no prompt and the majority class?"""
+    """One honest sentence per task: does the soft prompt beat no prompt and the majority class?
+
+    "Beats" needs the whole 95% interval of the seeds' mean accuracy above the baseline.
+    """
     lines = []
     for task in results["tasks"]:
         ev = results["evaluation"][task]
@@ -359,12 +467,17 @@ def verdicts(results: dict) -> list[str]:
             lines.append(f'<li class="bad">{e(task.upper())}: no finished run.</li>')
             continue
         zero, majority, text = ev["no_prompt"]["accuracy"], ev["majority_class"], ev["text_prompt"]["accuracy"]
-        failed = [f"{name} ({fmt(value)})" for name, value in (("no prompt", zero), ("the majority class", majority)) if not mean > value]
+        iv = (ev.get("intervals") or {}).get("mean")
+        low = iv["low"] if iv else mean  # results.json from before intervals: the point estimate
+        failed = [f"{name} ({fmt(value)})" for name, value in (("no prompt", zero), ("the majority class", majority)) if not low > value]
         verdict = (f"does NOT beat {' or '.join(failed)}" if failed
                    else f"beats no prompt ({fmt(zero)}) and the majority class ({fmt(majority)})")
+        interval = f" [95% interval {fmt(iv['low'])}–{fmt(iv['high'])}]" if iv else ""
+        seeds_beat = ev["intervals"].get("seeds", {}) if iv else {}
+        per_seed = f", {sum(s['beats'] for s in seeds_beat.values())}/{len(seeds_beat)} seeds beat it on their own interval" if seeds_beat else ""
         lines.append(
-            f'<li class="{"bad" if failed else "good"}">{e(task.upper())}: mean soft-prompt accuracy {fmt(mean)} over '
-            f'{len(ev["seeds"])} seed(s) {e(verdict)}; text prompt {fmt(text)}, best seed {fmt(ev["ensemble"]["best"])}, '
+            f'<li class="{"bad" if failed else "good"}">{e(task.upper())}: mean soft-prompt accuracy {fmt(mean)}{e(interval)} over '
+            f'{len(ev["seeds"])} seed(s) (sd {fmt(ev.get("sd_accuracy"))}) {e(verdict)}{e(per_seed)}; text prompt {fmt(text)}, best seed {fmt(ev["ensemble"]["best"])}, '
             f'majority-vote ensemble {fmt(ev["ensemble"]["majority_vote"])}.</li>'
         )
     return lines
@@ -411,6 +524,9 @@ CAPTIONS = {
     "similarity": "Figure: ||A-B||_F (the paper's Figure 7) and cosine similarity between the tasks' prompts.",
     "transfer": "Figure: gain of each task's prompt (rows) on each task (columns) over that task with no prompt "
     "(the paper's Figure 8), diagonal included.",
+    "spot": "Figure: zero-shot transfer gain (left) beside the SPoT gain (right): a target trained briefly from the source's prompt, "
+    "minus the same budget from its own init.",
+    "ablation": "Figure: Lester et al.'s Figure 3 on this backbone: val accuracy against prompt length (log scale), one line per init.",
 }
 
 
@@ -426,7 +542,7 @@ def render(results: dict, figs: dict[str, bytes], tables: list[Table]) -> str:
 plus Lester et al.'s prompt ensembling. Every number below is in results.json and the CSV files beside this report.</p>
 <h2>Verdict</h2><ul>{''.join(verdicts(results))}</ul>
 <h2>Protocol</h2>{protocol_html(results)}
-<h2>Accuracy</h2>{section('accuracy', 'zero_shot', 'ensemble')}
+<h2>Accuracy</h2>{section('accuracy_intervals', 'accuracy', 'zero_shot', 'ensemble')}
 <h2>What the prompts say: nearest tokens</h2>{tokens_html(results)}
 <h2>Stochasticity over seeds</h2>{section('stochasticity')}
 {fig('tsne')}
@@ -436,6 +552,12 @@ plus Lester et al.'s prompt ensembling. Every number below is in results.json an
 {section('similarity', 'cosine', 'similarity_centroids')}
 <h2>Zero-shot task transfer</h2>{fig('transfer')}
 {section('transfer_gain_exact_match', 'transfer_gain_accuracy', 'transfer_accuracy', 'transfer_exact_match', 'correlation')}
+<h2>SPoT: transfer with training</h2>{fig('spot')}
+{section('spot_gain', 'spot_accuracy', 'spot_default')}
+<h2>Which similarity predicts transfer?</h2>{section('similarity_measures', 'similarity_average_token_cosine', 'similarity_per_token_cosine', 'similarity_neuron_overlap')}
+<h2>Drift over training</h2>{section('drift') if results.get('drift') else '<p class="note">No run saved snapshots (set the training key snapshot_every).</p>'}
+<h2>Lester's ablation: prompt length and init</h2>{fig('ablation')}
+{section('ablation')}
 <h2>Runs</h2>{section('runs')}
 </body></html>
 """

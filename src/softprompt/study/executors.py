@@ -30,8 +30,9 @@ from softprompt.io.locks import RunLock
 from softprompt.io.runs import RUN_FILE, is_done
 from softprompt.train.loop import TrainConfig, TrainingDiverged, train
 
-# Measured on 2 cores (bench/bench_workers.py, see docs/scale.md): two single-thread runs side by side
-# finished the same runs sooner than one process at two threads, so `auto` gives each core a worker.
+# One process at 2 torch threads ran loss_step at 1.6-1.7x its 1-thread speed on 2 cores (issue 15), so two
+# single-thread runs side by side should finish the same runs sooner: `auto` gives each core a worker.
+# NOT yet confirmed by bench/bench_workers.py on an idle machine (docs/scale.md); if it shows otherwise, set 2 here.
 THREADS_PER_AUTO_WORKER = 1
 MEMORY_PER_WORKER_BYTES = 2 * 1024**3  # a SmolLM2-135M worker peaks near 1.2 GB; leave room
 
@@ -124,10 +125,10 @@ class RunOutcome:
 _BACKBONES: dict[tuple[str, str], Backbone] = {}  # a worker process loads each backbone once, for all its runs
 
 
-def worker_backbone(model: str, device: str) -> Backbone:
-    key = (model, device)
+def worker_backbone(model: str, device: str, dtype: str = "auto") -> Backbone:
+    key = (model, device, dtype)
     if key not in _BACKBONES:
-        _BACKBONES[key] = load_backbone(model, device)
+        _BACKBONES[key] = load_backbone(model, device, dtype)
     return _BACKBONES[key]
 
 
@@ -153,7 +154,7 @@ def train_run(job: RunJob, backbone: Backbone | None = None, progress: bool = Fa
             return RunOutcome(job.name, "skipped", **me)
         resumed = (run_dir / RUN_FILE).is_file()  # killed or crashed: continue from its last checkpoint
         with torch_threads(job.threads):
-            backbone = backbone or worker_backbone(job.config.model, job.config.device)
+            backbone = backbone or worker_backbone(job.config.model, job.config.device, job.config.dtype)
             try:
                 record = train(job.config, run_dir, backbone=backbone, data_dir=job.data_dir, progress=progress, resume=resumed)
             except TrainingDiverged as e:
@@ -258,7 +259,9 @@ def _run_on_ray(jobs: list[RunJob], executor: ExecutorConfig, workers: int, echo
             job = in_flight.pop(ready[0])
             try:
                 outcomes[job.name] = ray.get(ready[0])
-            except ray.exceptions.WorkerCrashedError as e:
+            except ray.exceptions.RayTaskError:
+                raise  # the run's own error (a ValueError stays a ValueError): the message names the fix
+            except ray.exceptions.RayError as e:  # its worker died (killed, out of memory, node lost) every time it ran
                 raise RuntimeError(f"run {job.name}: its Ray worker died {executor.max_retries + 1} times; see {job.run_dir} ({e})") from None
             echo(_describe(job, outcomes[job.name], where=True))
     finally:

@@ -34,21 +34,22 @@ import torch
 from torch import Tensor
 
 from softprompt.analysis import measures as analysis
+from softprompt.study import stages
 from softprompt.backbones.loading import DEFAULT_MODEL, Backbone
 from softprompt.data.batch import Encoded, encode
 from softprompt.eval.scoring import Scores, metrics, score
 from softprompt.analysis.interpret import interpret_prompt, rows_to_json, run_init_ids
-from softprompt.core.prompt import embed_text
+from softprompt.core.prompt import InitMethod, embed_text
 from softprompt.io.runs import atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs, worker_backbone
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.tasks.superglue import get_task, is_task_file, load_examples
 from softprompt.train.loop import TrainConfig
 
 RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
 IN_PROCESS = ExecutorConfig(workers="1")  # the library's default: every run in the caller's process
 PER_RUN_KEYS = ("task", "seed")  # set by the study for each run, not in the config file
-SHARED_KEYS = ("model", "num_tokens", "device")  # one backbone, prompts of one shape: never set per task
+SHARED_KEYS = ("model", "num_tokens", "device", "dtype")  # one backbone, prompts of one shape: never set per task
 RESULT_NEUTRAL_KEYS = ("device", "eval_batch_size")  # a finished run with other values still counts as the same run
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN_KEYS)
 PER_TASK_KEYS = tuple(k for k in TRAIN_KEYS if k not in SHARED_KEYS)
@@ -82,6 +83,16 @@ class StudyConfig:
     )
     top_k: int = field(default=3, metadata=_help("Nearest tokens per prompt row."))
     name: str = field(default="", metadata=_help("A title for the report."))
+    spot_steps: int = field(
+        default=16, metadata=_help("SPoT: optimizer steps for every (source -> target) run and its default-init twin; 0 turns SPoT off.")
+    )
+    probe_examples: int = field(
+        default=8, metadata=_help("ON similarity: val contexts per task in the fixed probe set; 0 leaves ON out.")
+    )
+    ablation_lengths: tuple[int, ...] = field(
+        default=(), metadata=_help("Lester's ablation: prompt lengths to train for every task x `ablation_inits` (one seed).")
+    )
+    ablation_inits: tuple[str, ...] = field(default=(), metadata=_help("Lester's ablation: inits, e.g. [\"text\", \"random\"]."))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -100,6 +111,7 @@ class StudyConfig:
             raise ValueError(f"study key `max_eval_examples` must be at least 1, got {self.max_eval_examples}")
         if self.top_k < 1:
             raise ValueError(f"study key `top_k` must be at least 1, got {self.top_k}")
+        self._check_stage_keys()
         unknown = sorted(set(self.train) - set(TRAIN_KEYS))
         if unknown:
             raise ValueError(f"unknown training key(s) {unknown}; valid keys: {', '.join(TRAIN_KEYS)}")
@@ -116,6 +128,21 @@ class StudyConfig:
                 where = f"[per_task.{task}]: " if task in self.per_task else ""
                 raise ValueError(where + re.sub(r"--([a-z-]+)", lambda m: f"`{m.group(1).replace('-', '_')}`", str(e))) from None
 
+    def _check_stage_keys(self) -> None:
+        object.__setattr__(self, "ablation_lengths", tuple(self.ablation_lengths))
+        object.__setattr__(self, "ablation_inits", tuple(self.ablation_inits))
+        for key in ("spot_steps", "probe_examples"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"study key `{key}` must be 0 (off) or more, got {getattr(self, key)}")
+        if bool(self.ablation_lengths) != bool(self.ablation_inits):
+            raise ValueError("study keys `ablation_lengths` and `ablation_inits` go together; set both or neither")
+        if any(n < 1 for n in self.ablation_lengths):
+            raise ValueError(f"study key `ablation_lengths` must list lengths >= 1, got {list(self.ablation_lengths)}")
+        valid = [m.value for m in InitMethod if m is not InitMethod.PROMPT]
+        bad = [i for i in self.ablation_inits if i not in valid]
+        if bad:
+            raise ValueError(f"study key `ablation_inits` has {bad}; choose from {', '.join(valid)}")
+
     @property
     def model(self) -> str:
         return self.train.get("model", DEFAULT_MODEL)
@@ -129,7 +156,8 @@ class StudyConfig:
 
     def to_json(self) -> dict:
         study = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
-        study.update(tasks=list(self.tasks), seeds=list(self.seeds))
+        study.update(tasks=list(self.tasks), seeds=list(self.seeds), ablation_lengths=list(self.ablation_lengths),
+                     ablation_inits=list(self.ablation_inits))
         study["per_task"] = {
             task: {k: v for k, v in self.train_config(task, self.seeds[0]).to_json().items() if k in overrides}
             for task, overrides in self.per_task.items()
@@ -207,8 +235,13 @@ def _check_type(key: str, value: Any, hint: Any, source: str) -> None:
     raise ValueError(f"{source}: key `{key}` must be {names}, got {value!r}")
 
 
+def task_key(task: str) -> str:
+    """A file-name-safe name for a `tasks` entry: a built-in's name, or a task file's stem."""
+    return Path(task).stem if is_task_file(task) else task
+
+
 def run_name(task: str, seed: int) -> str:
-    return f"{task}-s{seed}"
+    return f"{task_key(task)}-s{seed}"
 
 
 def train_all(
@@ -269,7 +302,7 @@ def fingerprint(items: list[Encoded]) -> str:
 
 
 def _cache_path(out_dir: Path, source: str, task: str) -> Path:
-    return out_dir / "scores" / f"{source}__{task}.json"
+    return out_dir / "scores" / f"{source.replace('/', '_').replace(chr(92), '_')}__{task_key(task)}.json"  # a task file's path in `text-<task>`
 
 
 def _load_cached(path: Path, key: dict) -> Scores | None:
@@ -290,6 +323,20 @@ def _save_cached(path: Path, key: dict, scores: Scores, k: int) -> None:
     atomic_write_json(path, payload)
 
 
+def score_cache_model_key(backbone: Backbone) -> dict:
+    """What cached scores depend on besides prompt and items: the weights themselves (not the model's name), dtype, library versions."""
+    import transformers
+
+    import softprompt
+
+    return {
+        "model": backbone.name,
+        "weights": backbone.weights_sha256(),
+        "dtype": str(backbone.model.dtype),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "softprompt": softprompt.__version__},
+    }
+
+
 def cached_scores(
     out_dir: Path, backbone: Backbone, sources: dict[str, Tensor | None], task: str, items: list[Encoded], batch_size: int,
     echo: Callable[[str], None], progress: bool = False,
@@ -298,9 +345,9 @@ def cached_scores(
 
     Missing soft prompts of equal shape are scored together in one `score` call (`[K, P, H]`: one forward per prompt on each shared batch).
     """
-    items_key = fingerprint(items)
+    items_key, model_key = fingerprint(items), score_cache_model_key(backbone)
     keys = {
-        s: {"model": backbone.name, "task": task, "items": items_key, "prompt": None if p is None else tensor_sha256(p)}
+        s: {**model_key, "task": task, "items": items_key, "prompt": None if p is None else tensor_sha256(p)}
         for s, p in sources.items()
     }
     found = {s: _load_cached(_cache_path(out_dir, s, task), keys[s]) for s in sources}
@@ -346,9 +393,11 @@ def run_study(
     started = time.time()
     atomic_write_json(out_dir / STUDY_FILE, config.to_json())
     statuses = train_all(config, out_dir, backbone, data_dir, progress, echo, executor)
-    backbone = backbone or worker_backbone(config.model, config.train.get("device", "auto"))  # the one in-process runs loaded
+    device, dtype = config.train.get("device", "auto"), config.train.get("dtype", "auto")
+    backbone = backbone or worker_backbone(config.model, device, dtype)  # the one in-process runs loaded
+    staged = train_stages(config, out_dir, backbone, data_dir, statuses, progress, echo, executor)
     analysis_started = time.time()
-    results = analyse(config, out_dir, backbone, data_dir, statuses, echo, progress)
+    results = analyse(config, out_dir, backbone, data_dir, statuses, echo, progress, staged)
     results["analysis_wall_s"] = round(time.time() - analysis_started, 1)  # scoring, interpretation, statistics
     results["wall_s"] = round(time.time() - started, 1)  # this call, training included (resumed runs count 0)
     atomic_write_json(out_dir / RESULTS_FILE, json_safe(results))
@@ -357,9 +406,36 @@ def run_study(
     return results
 
 
+def train_stages(
+    config: StudyConfig, out_dir: Path, backbone: Backbone | None, data_dir: str | Path | None, statuses: dict[str, str],
+    progress: bool, echo: Callable[[str], None], executor: ExecutorConfig | None = None,
+) -> dict:
+    """The training stages after the grid, with the grid's executor: SPoT (from each task's representative prompt) and the ablation."""
+    seeds_of = {task: [s for s in config.seeds if statuses.get(run_name(task, s)) == "done"] for task in config.tasks}
+    representative = {task: _representative(config, task, seeds_of[task]) for task in config.tasks}
+    sources = {t: (out_dir / "runs" / r).resolve() for t, r in representative.items() if r}
+    base = {t: config.train_config(t, config.representative_seed) for t in config.tasks}
+    wanted: dict[Path, TrainConfig] = {}
+    if config.spot_steps and len(sources) > 1:
+        wanted |= stages.spot_jobs({t: base[t] for t in sources}, sources, config.spot_steps, out_dir.resolve())
+    if config.ablation_lengths:
+        wanted |= stages.ablation_jobs(base, config.ablation_lengths, config.ablation_inits, out_dir.resolve())
+    todo = {run_dir: c for run_dir, c in wanted.items() if not stages.reusable(c, run_dir)}
+    data = None if data_dir is None else str(Path(data_dir).resolve())
+    jobs = [RunJob(f"{d.parent.name}/{d.name}", c, str(d), data, f"{d.parent.name} {i}/{len(todo)}: {d.name}")
+            for i, (d, c) in enumerate(todo.items(), start=1)]
+    run_jobs(jobs, executor or IN_PROCESS, backbone, echo, progress)
+    out: dict[str, Any] = {}
+    if config.spot_steps and len(sources) > 1:
+        out["spot"] = stages.spot_results(list(sources), config.spot_steps, out_dir)
+    if config.ablation_lengths:
+        out["ablation"] = stages.ablation_results(list(config.tasks), config.ablation_lengths, config.ablation_inits, out_dir)
+    return out
+
+
 def analyse(
     config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, statuses: dict[str, str],
-    echo: Callable[[str], None], progress: bool = False,
+    echo: Callable[[str], None], progress: bool = False, staged: dict | None = None,
 ) -> dict:
     """Every analysis of the issue, from the saved runs (never trains)."""
     done = {name: out_dir / "runs" / name for name, status in statuses.items() if status == "done"}
@@ -378,6 +454,10 @@ def analyse(
         for sources in ({"none": None}, {f"text-{task}": _text_prompt(backbone, config, task)}, own | others):
             scores |= cached_scores(out_dir, backbone, sources, task, items[task], batch_size, echo, progress)
         evaluation[task] = _evaluate_task(task, seeds_of[task], scores, items[task])
+        evaluation[task]["intervals"] = stages.accuracy_intervals(
+            {k: v for k, v in scores.items() if k not in others}, list(own), torch.tensor([i.label for i in items[task]]),
+            evaluation[task]["majority_class"], seed=config.representative_seed,
+        )
         transfer_scores[task] = {source: metrics(scores[source]) for source in others | own}
 
     results = {
@@ -400,6 +480,14 @@ def analyse(
             gain = torch.tensor(results["transfer"][f"gain_{key}"])
             results["transfer"][f"correlation_{key}"] = asdict(analysis.similarity_vs_transfer(distance, gain))
     results["interpret"] = {name: _interpret(backbone, records[name], prompts[name], config.top_k) for name in done}
+    results |= staged or {}
+    if tasks_with_prompt:
+        stacked = torch.stack([prompts[representative[t]] for t in tasks_with_prompt])
+        probe = stages.probe_contexts({t: items[t] for t in tasks_with_prompt}, config.probe_examples)
+        results["similarity"]["measures"] = stages.similarity_measures(backbone, stacked, probe, batch_size)
+        results["similarity"]["probe_contexts"] = len(probe)
+        results["predictors"] = stages.predictors(results["similarity"]["measures"], results["transfer"], results.get("spot", {}))
+    results["drift"] = stages.drifts(backbone, done)
     return results
 
 

@@ -20,9 +20,10 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone
-from softprompt.data.batch import Batch, Encoded, bucketed_batches, encode, train_batch
+from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, Backbone, load_backbone, tokenizer_identity
+from softprompt.data.batch import Batch, bucketed_batches, encode
 from softprompt.eval.scoring import metrics, score
+from softprompt.eval.task_metrics import task_metrics
 from softprompt.analysis.interpret import nearest_tokens_in_model
 from softprompt.core.prompt import (
     InitMethod,
@@ -49,7 +50,15 @@ from softprompt.io.runs import (
     save_checkpoint,
     save_prompt,
 )
-from softprompt.tasks.superglue import Example, Task, get_task, load_examples, resolve_data_dir
+from softprompt.io.sources import load_prompt_source
+from softprompt.tasks.superglue import DataError, Example, Task, get_task, load_examples
+from softprompt.tasks.taskfile import data_files, split_name
+from softprompt.train import distributed
+
+# Data-parallel (torchrun): every rank trains the same prompt; rank 0 alone writes the run folder.
+atomic_write_json, save_prompt, save_checkpoint, remove_temp_files = map(
+    distributed.rank_zero_only, (atomic_write_json, save_prompt, save_checkpoint, remove_temp_files)
+)
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RESUMABLE_CHANGES = ("checkpoint_every",)  # config fields a resumed run may change: none alters the result
@@ -76,7 +85,7 @@ def _help(text: str) -> dict:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = field(metadata=_help("SuperGLUE task: cb, rte, copa or wsc."))
+    task: str = field(metadata=_help("Built-in task (cb, rte, copa, wsc, wic, multirc, boolq) or the path of a task file (lm-eval YAML)."))
     model: str = field(default=DEFAULT_MODEL, metadata=_help("Preset, local HF folder, .gguf file or hub id."))
     init: InitMethod = field(default=InitMethod.TEXT, metadata=_help("Prompt initialisation (Lester et al.)."))
     init_text: str | None = field(default=None, metadata=_help("Text for --init text; default: the task's good prompt."))
@@ -98,6 +107,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("Seed for init, data order and everything else random in training."))
     data_seed: int = field(default=0, metadata=_help("Seed for the dev split and train subsample (fixed across seeds)."))
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
+    dtype: str = field(
+        default="auto", metadata=_help("Backbone weights: auto (bf16 on a CUDA GPU with bf16, else float32), float32, bfloat16, float16.")
+    )
     checkpoint_every: int | None = field(
         default=None, metadata=_help("Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch end).")
     )
@@ -110,7 +122,10 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        get_task(self.task)  # raises with the valid names
+        try:
+            split_name(get_task(self.task), "train")  # raises with the valid names, or names the missing split
+        except DataError as e:
+            raise ValueError(f"--task {self.task}: {e}") from None
         for name, kind in (("init", InitMethod), ("early_stop_on", EarlyStopSplit), ("optimizer", OptimizerName)):
             try:
                 object.__setattr__(self, name, kind(getattr(self, name)))
@@ -124,6 +139,8 @@ class TrainConfig:
         for name in ("seed", "data_seed"):
             if not 0 <= getattr(self, name) < 2**32:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 2**32 - 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--dtype {self.dtype!r} is not a dtype; use one of {', '.join(DTYPE_CHOICES)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"--device {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
         for name in ("max_steps", "max_train_examples", "checkpoint_every", "snapshot_every"):
@@ -180,7 +197,7 @@ def initial_prompt(backbone: Backbone, task: Task, config: TrainConfig, generato
     """The `[P, H]` starting prompt for `config.init`."""
     model, tokenizer, n = backbone.model, backbone.tokenizer, config.num_tokens
     if config.init is InitMethod.PROMPT:
-        source, _ = load_prompt(Path(config.init_from), hidden_size=backbone.hidden_size)
+        source = load_prompt_source(Path(config.init_from), hidden_size=backbone.hidden_size).prompt
         return from_prompt(source, n, backbone.hidden_size, f"--init-from {config.init_from}")
     if config.init is InitMethod.RANDOM:
         return random_uniform(n, backbone.hidden_size, generator)
@@ -215,6 +232,7 @@ class Progress:
     best_dev: dict | None = None  # dev metrics of the best epoch's prompt (the one saved)
     stopped: bool = False  # early stopping or --max-steps ended training
     history: list[dict] = field(default_factory=list)
+    dtype: str | None = None  # the weights' dtype the run trains in (resume refuses another; see check_resume_dtype)
 
 
 def train(
@@ -247,9 +265,12 @@ def train(
     task = get_task(config.task)
     data = data_fingerprint(task, data_dir)
     check_run_dir(out_dir, config, data, resume)
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    backbone = backbone or load_backbone(config.model, config.device)
+    backbone = backbone or load_backbone(config.model, config.device, config.dtype)
+    if resume:
+        check_resume_dtype(out_dir, backbone.dtype)
     splits = make_splits(task, config, data_dir)
     tokenizer, device, pad_id = backbone.tokenizer, backbone.device, backbone.tokenizer.pad_token_id
     train_items = [encode(tokenizer, e, config.max_length) for e in splits.train]
@@ -260,9 +281,11 @@ def train(
     # Every init but random starts each row on a token's embedding: which one is what "persisted" is measured against.
     init_ids = None if config.init is InitMethod.RANDOM else nearest_tokens_in_model(backbone.model, prompt.detach(), 1)[1][:, 0].tolist()
     optimizer = make_optimizer(prompt, config)
-    header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed)}
+    header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed), "dtype": backbone.dtype,
+              **tokenizer_identity(tokenizer)}
     checkpoint = out_dir / CHECKPOINT_FILE
     state = start_or_resume(out_dir, resume, prompt, optimizer, generator, header)
+    state.dtype = backbone.dtype
     if config.snapshot_every and state.step == 0:
         save_snapshot(out_dir, prompt, header, state)
     data.update(train=len(train_items), dev=len(dev_items), val=len(val_items), early_stop_on=config.early_stop_on.value)
@@ -270,10 +293,13 @@ def train(
         "status": "running",
         "task": task.name,
         "model": backbone.name,
+        "dtype": backbone.dtype,  # the weights' (what --dtype auto resolved to); the prompt is always float32
         "config": config.to_json(),
         "init_ids": init_ids,
         "data": data,
+        **({"task_notes": list(task.notes)} if task.notes else {}),  # defaults the task file left to softprompt
         "provenance": provenance(),
+        "backbone": backbone.source,  # GGUF sha256 and quantisation, hub id (empty for a plain folder)
         "resumed_at_step": [*read_run(out_dir).get("resumed_at_step", []), state.step] if resume else [],
         "history": state.history,  # the same list `end_epoch` appends to
     }
@@ -283,26 +309,28 @@ def train(
         epoch_rng = generator.get_state()  # the epoch's batch order is a function of this state
         batches = bucketed_batches(train_items, config.batch_size, generator)
         bar = tqdm(total=len(batches), initial=state.batch, desc=f"{task.name} epoch {state.epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        tokens, epoch_start = 0, time.time()
+        tokens, epoch_start, pending = 0, time.time(), None
         for i in range(state.batch, len(batches)):
-            batch = train_batch([train_items[j] for j in batches[i]], pad_id).to(device)
-            loss = loss_step(backbone, prompt, batch)
-            value = loss.item()  # the one host sync of the step
+            # data-parallel: this rank's share of the batch; the loss read is the whole batch's on every rank
+            loss, num_tokens = distributed.share_loss(loss_step, backbone, prompt, [train_items[j] for j in batches[i]], pad_id)
+            tokens += num_tokens  # counted on the host, before the batch moves
+            value = read_step(record, out_dir, pending, distributed.batch_loss(loss))  # the one host sync of the step
             if not math.isfinite(value):
                 _diverged(record, out_dir, f"loss is {value} at epoch {state.epoch + 1}, step {state.step + 1}")
             (loss / config.grad_accum).backward()
             state.epoch_loss += value
-            tokens += batch.num_tokens
             bar.update()
             if (i + 1) % config.grad_accum != 0 and i + 1 != len(batches):
                 continue
-            optimizer_step(prompt, optimizer, config.max_grad_norm, record, out_dir, state)
+            pending = (optimizer_step(prompt, optimizer, config.max_grad_norm), f"epoch {state.epoch + 1}, step {state.step + 1}")
             state.step, state.batch = state.step + 1, i + 1
             bar.set_postfix(step=state.step, loss=f"{value:.3f}")
             if config.max_steps is not None and state.step >= config.max_steps:
                 break
             if config.checkpoint_every and state.step % config.checkpoint_every == 0 and i + 1 < len(batches):
+                pending = read_step(record, out_dir, pending)  # never checkpoint a step that went wrong
                 save_training_checkpoint(checkpoint, prompt, optimizer, epoch_rng, state)
+        read_step(record, out_dir, pending)
         bar.close()
         dev = metrics(score(backbone, prompt.detach(), dev_items, config.eval_batch_size))
         if not math.isfinite(dev["loss"]):
@@ -318,16 +346,18 @@ def train(
         save_training_checkpoint(checkpoint, prompt, optimizer, generator.get_state(), state)
         atomic_write_json(out_dir / RUN_FILE, record)
 
+    distributed.barrier()  # rank 0 has written the best prompt
     best, _ = load_prompt(out_dir / PROMPT_FILE)
     record["best_epoch"] = state.best_epoch
     # the saved prompt was scored on dev when it was best; checkpoints from before best_dev existed rescore it
     record["dev"] = state.best_dev or metrics(score(backbone, best.to(device), dev_items, config.eval_batch_size))
-    record["val"] = metrics(score(backbone, best.to(device), val_items, config.eval_batch_size))
+    record["val"] = task_metrics(score(backbone, best.to(device), val_items, config.eval_batch_size), splits.val)
     record["steps"] = state.step
     record["wall_s"] = round(time.time() - started, 1)
     record["status"] = "done"
     atomic_write_json(out_dir / RUN_FILE, record)
-    checkpoint.unlink(missing_ok=True)  # a finished run is its prompt and record; nothing is left to resume
+    if distributed.is_main():
+        checkpoint.unlink(missing_ok=True)  # a finished run is its prompt and record; nothing is left to resume
     return record
 
 
@@ -364,19 +394,43 @@ def save_snapshot(out_dir: Path, prompt: Tensor, header: dict, state: Progress) 
     save_prompt(out_dir / SNAPSHOT_DIR / f"epoch-{state.epoch:04d}.safetensors", prompt, {**header, "epoch": str(state.epoch), "step": str(state.step)})
 
 
-def optimizer_step(
-    prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer, max_grad_norm: float | None, record: dict, out_dir: Path, state: Progress
-) -> None:
-    """Clip, check the gradient is finite, step, and check the prompt stayed finite."""
-    where = f"epoch {state.epoch + 1}, step {state.step + 1}"
+STEP_FAULTS = {1: "gradient is not finite at {where}", 2: "the prompt became non-finite at {where}; lower --lr or set --max-grad-norm"}
+
+
+def optimizer_step(prompt: torch.nn.Parameter, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> Tensor:
+    """Clip and step; return the step's fault code on the device (0: fine, else a key of `STEP_FAULTS`).
+
+    The code is not read here (that would sync the host with the device every step): `read_step`
+    reads it with the next loss, and before anything is saved, so a bad step is never checkpointed.
+    """
+    distributed.sum_gradients(prompt)  # data-parallel: the whole batch's gradient on every rank
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([prompt], max_grad_norm)
-    if not torch.isfinite(prompt.grad).all():
-        _diverged(record, out_dir, f"gradient is not finite at {where}")
+    bad_grad = ~torch.isfinite(prompt.grad).all()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(prompt).all():
-        _diverged(record, out_dir, f"the prompt became non-finite at {where}; lower --lr or set --max-grad-norm")
+    bad_prompt = ~torch.isfinite(prompt).all()
+    return torch.where(bad_grad, 1, torch.where(bad_prompt, 2, 0))
+
+
+def read_step(record: dict, out_dir: Path, pending: tuple[Tensor, str] | None, loss: Tensor | None = None):
+    """One host read: the last optimizer step's fault code (`pending`: code, where) and `loss`, together.
+
+    Returns:
+        the loss as a float if given, else None (nothing pending any more).
+
+    Raises:
+        TrainingDiverged: the pending step's gradient or prompt was not finite.
+    """
+    values = [] if loss is None else [loss.detach().float()]
+    if pending is not None:
+        values.append(pending[0].float())
+    if not values:
+        return None
+    read = torch.stack(values).tolist()
+    if pending is not None and read[-1]:
+        _diverged(record, out_dir, STEP_FAULTS[int(read[-1])].format(where=pending[1]))
+    return read[0] if loss is not None else None
 
 
 def end_epoch(state: Progress, dev: dict, config: TrainConfig, tokens_per_s: float) -> bool:
@@ -445,13 +499,19 @@ def restore_checkpoint(path: Path, prompt: torch.nn.Parameter, optimizer: torch.
 
 
 def data_fingerprint(task: Task, data_dir: str | Path | None) -> dict:
-    """The data folder and the SHA-256 of the task's train and val files, for run.json and resume checks."""
-    folder = resolve_data_dir(data_dir).resolve()
-    sha = {}
+    """The data folder, the task file and the SHA-256 of the task's train and val files, for run.json and resume checks.
+
+    A split read from several files hashes their bytes in order; a hub dataset (no local files) gets None.
+    """
+    sha, folder = {}, None
     for split in ("train", "val"):
-        path = folder / task.folder / f"{split}.jsonl"
-        sha[f"{split}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-    return {"dir": str(folder), **sha}
+        paths = [p for p in data_files(task, split, data_dir) if p.is_file()]
+        digest = hashlib.sha256()
+        for path in paths:
+            digest.update(path.read_bytes())
+        sha[f"{split}_sha256"] = digest.hexdigest() if paths else None
+        folder = folder or (paths[0].resolve().parents[1 if task.folder else 0] if paths else None)
+    return {"dir": str(folder) if folder else None, "task_file": str(task.source.resolve()), **sha}
 
 
 def check_run_dir(out_dir: Path, config: TrainConfig, data: dict, resume: bool) -> None:
@@ -483,6 +543,20 @@ def check_run_dir(out_dir: Path, config: TrainConfig, data: dict, resume: bool) 
                 f"cannot resume {out_dir}: the {key.split('_')[0]} data in {data['dir']} changed since the run started "
                 f"(sha256 {old.get(key)} -> {data[key]}); resume with the original data (--data-dir)"
             )
+
+
+def check_resume_dtype(out_dir: Path, dtype: str) -> None:
+    """Refuse to resume a run in another weight dtype than it started in (`auto` may resolve differently here).
+
+    Raises:
+        ValueError: naming both dtypes.
+    """
+    started = read_run(out_dir).get("dtype")
+    if started is not None and started != dtype:
+        raise ValueError(
+            f"cannot resume {out_dir}: it was trained with {started} weights, and this backbone is {dtype}; "
+            f"resume with --dtype {started}"
+        )
 
 
 def config_from_run(run_dir: Path) -> TrainConfig:
