@@ -49,9 +49,9 @@ def test_evaluate_help():
 
 
 def test_train_with_unknown_task_exits_with_the_valid_names(tmp_path):
-    result = invoke("train", "--task", "boolq", "--out", tmp_path / "run")
+    result = invoke("train", "--task", "record", "--out", tmp_path / "run")
     assert result.exit_code == 2
-    assert "unknown task 'boolq'; choose one of: cb, rte, copa, wsc" in result.output
+    assert "unknown task 'record'; choose one of: cb, rte, copa, wsc, wic, multirc, boolq" in result.output
     assert not (tmp_path / "run").exists()
 
 
@@ -77,9 +77,9 @@ def test_evaluate_needs_exactly_one_prompt_mode(modes):
 
 
 def test_evaluate_unknown_task(tiny_model_dir):
-    result = invoke("evaluate", "--task", "boolq", "--no-prompt", "--model", tiny_model_dir)
+    result = invoke("evaluate", "--task", "record", "--no-prompt", "--model", tiny_model_dir)
     assert result.exit_code == 2
-    assert "choose one of: cb, rte, copa, wsc" in result.output
+    assert "choose one of: cb, rte, copa, wsc, wic, multirc, boolq, or give the path of a task file" in result.output
 
 
 def test_evaluate_without_data_says_where_it_looked(tiny_model_dir, tmp_path):
