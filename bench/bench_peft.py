@@ -3,11 +3,13 @@
     python bench/bench_peft.py --out bench/results.json        (or: make bench)
 
 Training: the same examples (a seeded sample of CB and RTE train), prompt length, batch size,
-optimizer (AdamW, same lr) and initial prompt (the task's text init). Three sides run interleaved,
+optimizer (AdamW, same lr) and initial prompt (the task's text init). Four sides run interleaved,
 step by step, rotating which goes first:
   peft             PEFT's `get_peft_model(PromptTuningConfig)`, the standard step
                    `model(input_ids, attention_mask, labels)` (labels -100 on context and padding;
                    full-sequence logits), batches in shuffled order (a DataLoader with shuffle=True);
+  peft-grouped     the same PEFT step on length-grouped batches, as HF Trainer's `group_by_length`
+                   gives (transformers' `get_length_grouped_indices`; `length_grouped_batches`);
   softprompt-same  softprompt's `train.loss_step` on exactly PEFT's batches;
   softprompt       softprompt's `train.loss_step` on its own length-bucketed batches
                    (`batch.bucketed_batches`) of the same examples: every side covers the same
@@ -180,6 +182,19 @@ class Side:
         return loss.item()
 
 
+def length_grouped_batches(items: list[Encoded], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """What HF Trainer's `group_by_length=True` feeds PEFT: transformers' own `get_length_grouped_indices`, cut into batches.
+
+    Its default megabatch is `min(n // (4 * batch_size), 50)` batches, 1 (no grouping at all) at 40
+    examples of batch 8; 8 batches is softprompt's own bucketing window, so both group alike.
+    """
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    lengths = [len(item.context) + len(item.choices[item.label]) for item in items]
+    order = get_length_grouped_indices(lengths, batch_size, mega_batch_mult=8, generator=generator)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def real_tokens(batch: Batch, num_prompt: int) -> int:
     return batch.num_tokens + num_prompt * batch.input_ids.shape[0]
 
@@ -188,6 +203,9 @@ def bench_training(backbone: Backbone, args, dims: dict) -> dict:
     tokenizer, pad_id, p = backbone.tokenizer, backbone.tokenizer.pad_token_id, args.num_tokens
     peft_model = get_peft_model(backbone.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p))
     peft_prompt = peft_model.prompt_encoder["default"].embedding.weight  # [P, H], the PEFT-trained parameter
+    # a second PEFT model on the same frozen base (prompt tuning adds no layers to it), with a prompt of its own
+    grouped_model = get_peft_model(backbone.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p))
+    grouped_prompt = grouped_model.prompt_encoder["default"].embedding.weight
     results: dict = {"tasks": {}, "loss_check": {}}
     totals: dict[str, dict] = {}
     for task_name in args.train_tasks:
@@ -200,20 +218,26 @@ def bench_training(backbone: Backbone, args, dims: dict) -> dict:
         shuffled = torch.randperm(len(items), generator=generator).tolist()
         peft_batches = [shuffled[i : i + args.batch_size] for i in range(0, len(shuffled), args.batch_size)]
         own_batches = bucketed_batches(items, args.batch_size, generator)
+        grouped_batches = length_grouped_batches(items, args.batch_size, generator)
 
         with torch.no_grad():
             peft_prompt.copy_(init)
+            grouped_prompt.copy_(init)
         peft_optimizer_prompt = peft_prompt
 
         def peft_step(batch: Batch) -> torch.Tensor:
             return peft_model(**peft_inputs(batch)).loss
 
+        def grouped_step(batch: Batch) -> torch.Tensor:
+            return grouped_model(**peft_inputs(batch)).loss
+
         sides = [
             Side("peft", peft_optimizer_prompt, args.lr, peft_batches, peft_step),
+            Side("peft-grouped", grouped_prompt, args.lr, grouped_batches, grouped_step),
             Side("softprompt-same", torch.nn.Parameter(init.clone()), args.lr, peft_batches, None),
             Side("softprompt", torch.nn.Parameter(init.clone()), args.lr, own_batches, None),
         ]
-        for side in sides[1:]:
+        for side in sides[2:]:
             side.step_fn = (lambda prompt: lambda batch: loss_step(backbone, prompt, batch))(side.prompt)
 
         # First step: the same batch and prompt on every side; the losses must agree (also the warm-up).

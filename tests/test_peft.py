@@ -101,3 +101,15 @@ def test_adapter_for_another_model_is_refused(tmp_path):
     export_peft(tmp_path / "run", tmp_path / "adapter")
     with pytest.raises(PromptFileError, match=r"hidden size 8 \(trained on m\) does not match the backbone.s hidden size 16"):
         load_prompt_source(tmp_path / "adapter", hidden_size=16)
+
+
+def test_export_names_the_hub_model_and_keeps_the_preset_name(tmp_path):
+    save_prompt(tmp_path / "run" / PROMPT_FILE, torch.randn(NUM_TOKENS, 576), {"model": "smollm2-135m-instruct", "init": "text", "task": "copa"})
+    config = export_peft(tmp_path / "run", tmp_path / "adapter")
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config["tokenizer_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # PEFT's TEXT init loads it
+    assert config["softprompt_model"] == "smollm2-135m-instruct"
+    assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text()) == config
+    loaded = load_prompt_source(tmp_path / "adapter")
+    assert loaded.model == "smollm2-135m-instruct"  # evaluate --prompt ADAPTER picks the preset, not the hub id
+    assert PromptTuningConfig.from_pretrained(tmp_path / "adapter").base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -16,7 +16,7 @@ from softprompt.backbones.loading import model_from_config
 from softprompt.cli import app as cli
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import score
-from softprompt.io.runs import tensor_sha256
+from softprompt.io.runs import PromptFileError, save_prompt, tensor_sha256
 from softprompt.io.sources import load_prompt_source
 from softprompt.tasks.superglue import TASKS, Example, load_examples
 from test_evaluate import full_logits
@@ -161,6 +161,12 @@ def test_bad_classify_requests_are_4xx_json_naming_the_field(client, body, statu
     error = response.json()["error"]
     assert error["field"] == field
     assert field.split("[")[0] in error["message"] or error["field"] == "body"
+
+
+def test_a_body_not_sent_as_json_is_415_saying_how(client):
+    response = client.post("/v1/classify", content=b'{"prompt": "cb"}', headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 415 and response.json()["error"]["field"] == "Content-Type"
+    assert "application/json" in response.json()["error"]["message"]
 
 
 def test_unknown_prompt_lists_the_valid_names(client):
@@ -345,3 +351,20 @@ def test_metrics_count_requests_errors_batches_and_latency(client):
                  "softprompt_queue_wait_seconds_bucket", "softprompt_request_latency_seconds_bucket", "softprompt_jobs_in_flight"):
         assert name in text
     assert 'softprompt_errors_total{endpoint="/v1/classify",type="invalid_request_error"}' in text
+
+
+def test_bank_refuses_pickles_altered_files_and_duplicate_names(backbone, sources, tmp_path):
+    torch.save({"prompt": torch.zeros(2, 16)}, tmp_path / "prompt.pt")
+    with pytest.raises(PromptFileError, match="refusing a pickle-based file"):
+        bank_for(backbone, {"x": tmp_path / "prompt.pt"})
+    altered = tmp_path / "altered.safetensors"
+    save_prompt(altered, torch.ones(2, 16))
+    data = bytearray(altered.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x3f"[::-1]  # the last float changes; the header's checksum does not
+    altered.write_bytes(bytes(data))
+    with pytest.raises(PromptFileError, match="checksum mismatch"):
+        bank_for(backbone, {"x": altered})
+    with pytest.raises(ValueError, match="--prompt name 'random-llama' is given twice"):
+        bank_for(backbone, {"random-llama": sources["cb"]})
+    with pytest.raises(PromptFileError, match="hidden size 16"):
+        bank_for(model_from_config({**TINY_CONFIGS["llama"], "hidden_size": 32}, backbone.tokenizer), {"x": sources["copa"]})

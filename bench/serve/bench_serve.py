@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from softprompt.io.runs import atomic_write_json, provenance, save_prompt
 from softprompt.serve.app import create_app
 from softprompt.serve.bank import load_bank
 from softprompt.serve.config import ServeConfig
-from softprompt.serve.engine import ScoreJob, run_batch
+from softprompt.serve.engine import ScoreJob
 from softprompt.serve.server import ServerThread
 from softprompt.tasks.superglue import TASKS, read_jsonl, resolve_data_dir
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, load_backbone
+from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, load_backbone, tokenizer_identity
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import PromptMode, score
 from softprompt.eval.generation import generate_texts, generation_metrics
 from softprompt.eval.task_metrics import task_metrics
 from softprompt.core.prompt import embed_text
 from softprompt.io.runs import atomic_write_json, read_run
-from softprompt.io.sources import load_prompt_source
+from softprompt.io.sources import check_tokenizer, load_prompt_source
 from softprompt.study.executors import ExecutorConfig
 from softprompt.serve.config import ServeConfig
 from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
@@ -165,7 +165,10 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, li
         source = load_prompt_source(prompt_path) if prompt_path is not None else None
         backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device, dtype)
         if mode is PromptMode.SOFT:
-            prompt = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size).prompt
+            source = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size)
+            identity = tokenizer_identity(backbone.tokenizer)
+            check_tokenizer(source, int(identity["vocab_size"]), identity["tokenizer_sha256"], backbone.name)
+            prompt = source.prompt
         elif mode is PromptMode.TEXT:
             prompt = embed_text(backbone.model, backbone.tokenizer, task_.init_text)
         else:

@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from softprompt.backbones.loading import PRESETS
 from softprompt.io.runs import (
     PICKLE_SUFFIXES,
     PROMPT_FILE,
@@ -54,6 +55,7 @@ def adapter_config(prompt: Tensor, metadata: dict[str, str], run: dict) -> dict:
     init = PEFT_INIT.get(metadata.get("init", ""), "RANDOM")
     config = run.get("config", {})
     model = metadata.get("model") or run.get("model")
+    base = PRESETS[model].hub_id if model in PRESETS else model  # what AutoPeftModel can resolve
     init_text = None
     if init == "TEXT":
         init_text = config.get("init_text") or _task_init_text(metadata.get("task") or run.get("task"))
@@ -65,11 +67,12 @@ def adapter_config(prompt: Tensor, metadata: dict[str, str], run: dict) -> dict:
         "num_virtual_tokens": prompt.shape[0],
         "token_dim": prompt.shape[1],
         "num_transformer_submodules": 1,
-        "base_model_name_or_path": model,
+        "base_model_name_or_path": base,
+        SOFTPROMPT_MODEL_FIELD: model,  # softprompt's own name for it (a preset), read back by evaluate --prompt
         "prompt_tuning_init": init,
         "prompt_tuning_init_text": init_text,
         # PEFT requires a tokenizer with TEXT init (it is only read when training from scratch).
-        "tokenizer_name_or_path": model if init == "TEXT" else None,
+        "tokenizer_name_or_path": base if init == "TEXT" else None,
         "inference_mode": True,
     }
 

@@ -154,3 +154,26 @@ def _load_file(path: Path, hidden_size: int | None) -> LoadedPrompt:
         f"{path}: no '{PROMPT_KEY}' tensor (a softprompt prompt file) or '{ADAPTER_KEY}' tensor (a PEFT "
         f"prompt-tuning adapter) in it; found {sorted(tensors)}"
     )
+
+
+def check_tokenizer(loaded: LoadedPrompt, vocab_size: int, tokenizer_sha256: str, model: str) -> None:
+    """Refuse a prompt trained under another vocabulary than the backbone's (when its header records one).
+
+    A prompt's rows live in the embedding space of the vocabulary it was trained with; under another
+    tokenizer the same text becomes other ids, and a hidden-size match alone does not catch it.
+
+    Raises:
+        PromptFileError: naming both vocabulary sizes (or both tokenizer hashes) and the fix.
+    """
+    recorded_size, recorded_sha = loaded.metadata.get("vocab_size"), loaded.metadata.get("tokenizer_sha256")
+    trained_on = loaded.model or "another model"
+    if recorded_size is not None and int(recorded_size) != vocab_size:
+        raise PromptFileError(
+            f"{loaded.path}: the prompt was trained under a tokenizer of {recorded_size} tokens ({trained_on}), but "
+            f"{model}'s has {vocab_size}; evaluate it with the model it was trained on (--model {trained_on})"
+        )
+    if recorded_sha is not None and recorded_sha != tokenizer_sha256:
+        raise PromptFileError(
+            f"{loaded.path}: the prompt was trained under another tokenizer (sha256 {recorded_sha[:12]}..., {trained_on}) "
+            f"than {model}'s ({tokenizer_sha256[:12]}..., same size {vocab_size}); evaluate it with --model {trained_on}"
+        )

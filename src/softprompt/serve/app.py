@@ -204,6 +204,10 @@ def create_app(backbone: Backbone, bank: list[BankEntry], config: ServeConfig, r
             return fail(request, ApiError(400, f"the body is not valid JSON ({first.get('msg')}); send a JSON object",
                                           "body", "invalid_json"))
         field = _field(tuple(first.get("loc", ())))
+        content_type = request.headers.get("content-type", "")
+        if field == "body" and "json" not in content_type:  # curl -d sends a form unless told otherwise
+            return fail(request, ApiError(415, f"the body was sent as {content_type or 'no content type'}; send JSON with "
+                                               "`Content-Type: application/json`", "Content-Type", "unsupported_media_type"))
         return fail(request, ApiError(422, f"{field}: {first.get('msg')}", field))
 
     @app.exception_handler(StarletteHTTPException)
@@ -261,60 +265,14 @@ def create_app(backbone: Backbone, bank: list[BankEntry], config: ServeConfig, r
                            "inputs", "request_too_large")
         entries = [bank[i] for i in indices]
         examples = [_example(raw, i, entries) for i, raw in enumerate(body.inputs)]
-        encoded, dropped = zip(*(_encode(ex, i, max(e.num_tokens for e in entries)) for i, ex in enumerate(examples)))
+        longest = max(e.num_tokens for e in entries)
+        encoded, dropped = zip(*(_encode(backbone, config, ex, i, longest) for i, ex in enumerate(examples)))
         job = ScoreJob([p for p in indices for _ in encoded], [item for _ in indices for item in encoded])
         (logprobs,) = await submit("score", [job], [len(job.items)])
         logprobs = logprobs.view(len(indices), len(encoded), -1)  # [K, E, C]
         results = [_classify_result(examples[e], logprobs[:, e], members, dropped[e], ensemble) for e in range(len(examples))]
         checksum = {m.name: m.checksum for m in entries} if ensemble else entries[0].checksum
         return {"prompt": body.prompt, "checksum": checksum, "results": results}
-
-    def _example(raw: dict, i: int, entries: list[BankEntry]) -> tuple[Example, str | None]:
-        tasks = {entry.task for entry in entries}
-        one_task = len(tasks) == 1 and None not in tasks
-        if "choices" in raw or ("text" in raw and not one_task):  # WSC's raw fields have a "text" too
-            try:
-                given = TextInput.model_validate(raw)
-            except Exception as e:  # pydantic ValidationError: name the first bad field
-                first = e.errors()[0]
-                field = f"inputs[{i}]" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-                raise ApiError(422, f"{field}: {first['msg']}", field) from None
-            if len(set(given.choices)) != len(given.choices):
-                raise ApiError(422, f"inputs[{i}].choices: duplicate choices {given.choices}; give each choice once",
-                               f"inputs[{i}].choices")
-            return Example(given.text, tuple(given.choices), 0), None
-        if not one_task:
-            raise ApiError(422, f"inputs[{i}]: raw task fields need prompts of one task (these have tasks "
-                                f"{sorted(map(str, tasks))}); send {{\"text\": ..., \"choices\": [...]}} instead", f"inputs[{i}]")
-        task = get_task(tasks.pop())
-        row = dict(raw)
-        for name, expected in task.fields.items():
-            if name != "label":  # the answer is what the server finds; a given label is ignored
-                _require_nested(row, name, expected, f"inputs[{i}]")
-        row["label"] = task.labels[0]
-        try:
-            example = task.to_example(row)
-        except (DataError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise ApiError(422, f"inputs[{i}]: not a valid {task.name} input ({e})", f"inputs[{i}]") from None
-        return example, task.name
-
-    def _encode(example: tuple[Example, str | None], i: int, prompt_tokens: int) -> tuple[Encoded, int]:
-        example, _ = example
-        positions = getattr(backbone.model.config.get_text_config(), "max_position_embeddings", None)
-        limit = min(config.max_length, positions - prompt_tokens) if positions else config.max_length
-        try:
-            full = encode(backbone.tokenizer, example, 1 << 30)
-            if length_of(full) <= limit:
-                return full, 0
-            if config.too_long is TooLong.REJECT:
-                raise ApiError(413, f"inputs[{i}]: {length_of(full)} tokens, over the limit of {limit} (--max-length, "
-                                    "and the model's context less the prompt); shorten it", f"inputs[{i}]", "input_too_long")
-            cut = encode(backbone.tokenizer, example, limit)
-        except ValueError as e:
-            field = f"inputs[{i}].choices" if "choice" in str(e) else f"inputs[{i}]"
-            status = 413 if "max_length" in str(e) else 422
-            raise ApiError(status, f"{field}: {e}", field) from None
-        return cut, len(full.context) - len(cut.context)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest) -> dict:
@@ -380,6 +338,64 @@ def create_app(backbone: Backbone, bank: list[BankEntry], config: ServeConfig, r
         return choice
 
     return app
+
+
+def _example(raw: dict, i: int, entries: list[BankEntry]) -> tuple[Example, str | None]:
+    """Input `i` of a classify request as (Example, task name or None for text inputs).
+
+    Raises:
+        ApiError: 422 naming the field at fault.
+    """
+    tasks = {entry.task for entry in entries}
+    one_task = len(tasks) == 1 and None not in tasks
+    if "choices" in raw or ("text" in raw and not one_task):  # WSC's raw fields have a "text" too
+        try:
+            given = TextInput.model_validate(raw)
+        except Exception as e:  # pydantic ValidationError: name the first bad field
+            first = e.errors()[0]
+            field = f"inputs[{i}]" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+            raise ApiError(422, f"{field}: {first['msg']}", field) from None
+        if len(set(given.choices)) != len(given.choices):
+            raise ApiError(422, f"inputs[{i}].choices: duplicate choices {given.choices}; give each choice once",
+                           f"inputs[{i}].choices")
+        return Example(given.text, tuple(given.choices), 0), None
+    if not one_task:
+        raise ApiError(422, f"inputs[{i}]: raw task fields need prompts of one task (these have tasks "
+                            f"{sorted(map(str, tasks))}); send {{\"text\": ..., \"choices\": [...]}} instead", f"inputs[{i}]")
+    task = get_task(tasks.pop())
+    row = dict(raw)
+    for name, expected in task.fields.items():
+        if name != "label":  # the answer is what the server finds; a given label is ignored
+            _require_nested(row, name, expected, f"inputs[{i}]")
+    row["label"] = task.labels[0]
+    try:
+        example = task.to_example(row)
+    except (DataError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise ApiError(422, f"inputs[{i}]: not a valid {task.name} input ({e})", f"inputs[{i}]") from None
+    return example, task.name
+
+def _encode(backbone: Backbone, config: ServeConfig, example: tuple[Example, str | None], i: int,
+            prompt_tokens: int) -> tuple[Encoded, int]:
+    """(encoded input, context tokens dropped from its start): truncated as `evaluate` does, or 413.
+
+    The limit is `--max-length`, and the model's context less the longest prompt that scores it.
+    """
+    example, _ = example
+    positions = getattr(backbone.model.config.get_text_config(), "max_position_embeddings", None)
+    limit = min(config.max_length, positions - prompt_tokens) if positions else config.max_length
+    try:
+        full = encode(backbone.tokenizer, example, 1 << 30)
+        if length_of(full) <= limit:
+            return full, 0
+        if config.too_long is TooLong.REJECT:
+            raise ApiError(413, f"inputs[{i}]: {length_of(full)} tokens, over the limit of {limit} (--max-length, "
+                                "and the model's context less the prompt); shorten it", f"inputs[{i}]", "input_too_long")
+        cut = encode(backbone.tokenizer, example, limit)
+    except ValueError as e:
+        field = f"inputs[{i}].choices" if "choice" in str(e) else f"inputs[{i}]"
+        status = 413 if "max_length" in str(e) else 422
+        raise ApiError(status, f"{field}: {e}", field) from None
+    return cut, len(full.context) - len(cut.context)
 
 
 def _require_nested(row: dict, name: str, expected: type, where: str) -> None:

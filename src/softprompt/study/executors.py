@@ -30,8 +30,9 @@ from softprompt.io.locks import RunLock
 from softprompt.io.runs import RUN_FILE, is_done
 from softprompt.train.loop import TrainConfig, TrainingDiverged, train
 
-# Measured on 2 cores (bench/bench_workers.py, see docs/scale.md): two single-thread runs side by side
-# finished the same runs sooner than one process at two threads, so `auto` gives each core a worker.
+# One process at 2 torch threads ran loss_step at 1.6-1.7x its 1-thread speed on 2 cores (issue 15), so two
+# single-thread runs side by side should finish the same runs sooner: `auto` gives each core a worker.
+# NOT yet confirmed by bench/bench_workers.py on an idle machine (docs/scale.md); if it shows otherwise, set 2 here.
 THREADS_PER_AUTO_WORKER = 1
 MEMORY_PER_WORKER_BYTES = 2 * 1024**3  # a SmolLM2-135M worker peaks near 1.2 GB; leave room
 

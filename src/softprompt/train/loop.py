@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, Backbone, load_backbone
+from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, Backbone, load_backbone, tokenizer_identity
 from softprompt.data.batch import Batch, bucketed_batches, encode
 from softprompt.eval.scoring import metrics, score
 from softprompt.eval.task_metrics import task_metrics
@@ -281,7 +281,8 @@ def train(
     # Every init but random starts each row on a token's embedding: which one is what "persisted" is measured against.
     init_ids = None if config.init is InitMethod.RANDOM else nearest_tokens_in_model(backbone.model, prompt.detach(), 1)[1][:, 0].tolist()
     optimizer = make_optimizer(prompt, config)
-    header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed), "dtype": backbone.dtype}
+    header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed), "dtype": backbone.dtype,
+              **tokenizer_identity(tokenizer)}
     checkpoint = out_dir / CHECKPOINT_FILE
     state = start_or_resume(out_dir, resume, prompt, optimizer, generator, header)
     state.dtype = backbone.dtype
@@ -298,6 +299,7 @@ def train(
         "data": data,
         **({"task_notes": list(task.notes)} if task.notes else {}),  # defaults the task file left to softprompt
         "provenance": provenance(),
+        "backbone": backbone.source,  # GGUF sha256 and quantisation, hub id (empty for a plain folder)
         "resumed_at_step": [*read_run(out_dir).get("resumed_at_step", []), state.step] if resume else [],
         "history": state.history,  # the same list `end_epoch` appends to
     }
