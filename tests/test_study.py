@@ -32,7 +32,7 @@ TABLES = ("accuracy", "ensemble", "stochasticity", "zero_shot", "runs", "similar
 
 def tiny_study(model: Path, **overrides) -> StudyConfig:
     data = dict(tasks=["cb", "rte"], seeds=[0, 1], model=str(model), num_tokens=4, lr=0.05, epochs=1, max_steps=2,
-                batch_size=4, min_dev_examples=4, eval_batch_size=8, top_k=2, device="cpu",
+                batch_size=4, min_dev_examples=4, eval_batch_size=8, top_k=2, device="cpu", max_eval_examples=5,
                 snapshot_every=1, spot_steps=2, probe_examples=2, ablation_lengths=[1, 4], ablation_inits=["text", "random"])
     return StudyConfig.from_dict(data | overrides)
 
@@ -72,6 +72,11 @@ def test_study_writes_every_file(study_dir):
     # the diagonal of the transfer matrix is the representative prompt on its own task: same scores as its seed
     assert results["transfer"]["accuracy"][0][0] == results["evaluation"]["cb"]["seeds"]["0"]["accuracy"]
     assert 0 < results["analysis_wall_s"] < results["wall_s"]  # the analysis alone, then the whole call with training
+    for task in ("cb", "rte"):  # each run reports on the study's eval subsample (5 of the 6 and 8 val examples)
+        for seed in (0, 1):
+            record = json.loads((study_dir / "runs" / f"{task}-s{seed}" / "run.json").read_text())
+            assert record["data"]["val"] == 5 and record["config"]["max_val_examples"] == 5
+            assert record["val"]["accuracy"] == pytest.approx(results["evaluation"][task]["seeds"][str(seed)]["accuracy"])
 
 
 def test_report_embeds_every_figure(study_dir):
@@ -251,13 +256,13 @@ def test_study_command_continues_a_study(study_dir, tiny_model_dir, tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(
         f'tasks = ["cb", "rte"]\nseeds = [0, 1]\nmodel = "{tiny_model_dir}"\nnum_tokens = 4\nlr = 0.05\nepochs = 1\nmax_steps = 2\n'
-        'batch_size = 4\nmin_dev_examples = 4\neval_batch_size = 8\ntop_k = 2\ndevice = "cpu"\n'
+        'batch_size = 4\nmin_dev_examples = 4\neval_batch_size = 8\ntop_k = 2\ndevice = "cpu"\nmax_eval_examples = 5\n'
         'snapshot_every = 1\nspot_steps = 2\nprobe_examples = 2\nablation_lengths = [1, 4]\nablation_inits = ["text", "random"]\n'
     )
     result = CliRunner().invoke(app, ["study", str(config), "--out", str(study_dir), "--data-dir", str(FIXTURE_DATA), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "run 4/4: rte seed 1 (done, skipped)" in result.output
-    assert re.search(r"^cb +6 ", result.output, re.M) and result.output.strip().endswith("report.html")
+    assert re.search(r"^cb +5 ", result.output, re.M) and result.output.strip().endswith("report.html")
 
 
 def test_study_command_names_the_bad_key(tmp_path):

@@ -16,7 +16,7 @@ from softprompt.data.batch import encode, train_batch
 from softprompt.eval.scoring import metrics, score
 from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_prompt
 from softprompt.tasks.superglue import TASKS, load_examples
-from softprompt.train.loop import TrainConfig, TrainingDiverged, initial_prompt, loss_step, make_splits, train
+from softprompt.train.loop import TrainConfig, TrainingDiverged, initial_prompt, loss_step, make_splits, train, val_subsample
 
 # 24 train rows per task in the fixture: a dev slice of 6, 18 left to train on.
 TINY = dict(num_tokens=4, lr=0.3, epochs=1, min_dev_examples=6, batch_size=8, device="cpu")
@@ -181,6 +181,23 @@ def test_splits_are_stratified_disjoint_and_seeded_by_data_seed(data_dir):
     assert [e.text for e in small.dev] == [e.text for e in splits.dev]
 
 
+def test_dev_and_val_subsamples_are_seeded_and_held_out(data_dir):
+    """--max-dev-examples keeps a stratified part of the dev slice (the rest is not trained on);
+    --max-val-examples keeps the very examples a study's `max_eval_examples` scores, in file order."""
+    task = TASKS["cb"]
+    full = make_splits(task, tiny_config(min_dev_examples=6), data_dir)
+    cut = make_splits(task, tiny_config(min_dev_examples=6, max_dev_examples=3, max_val_examples=4), data_dir)
+    assert sorted(e.label for e in cut.dev) == [0, 1, 2]
+    assert {e.text for e in cut.dev} < {e.text for e in full.dev}
+    assert [e.text for e in cut.train] == [e.text for e in full.train]
+    val = load_examples(task, "val", data_dir)
+    assert [e.text for e in cut.val] == [e.text for e in val_subsample(val, 4, 0)]
+    assert [val.index(e) for e in cut.val] == sorted(val.index(e) for e in cut.val)
+    assert val_subsample(val, 100, 0) == val
+    with pytest.raises(ValueError, match=r"--max-dev-examples 2: cannot draw a stratified subsample of 6 examples"):
+        make_splits(task, tiny_config(min_dev_examples=6, max_dev_examples=2), data_dir)
+
+
 def test_too_few_examples_for_the_dev_slice(data_dir):
     with pytest.raises(ValueError, match=r"cb has 24 train examples, too few for a dev slice of 32"):
         make_splits(TASKS["cb"], TrainConfig(task="cb"), data_dir)
@@ -198,6 +215,8 @@ def test_too_few_examples_for_the_dev_slice(data_dir):
         ("epochs", 0, "--epochs must be at least 1, got 0"),
         ("max_steps", 0, "--max-steps must be at least 1, got 0"),
         ("max_train_examples", -3, "--max-train-examples must be at least 1, got -3"),
+        ("max_dev_examples", 0, "--max-dev-examples must be at least 1, got 0"),
+        ("max_val_examples", 0, "--max-val-examples must be at least 1, got 0"),
         ("dev_fraction", 1.0, "--dev-fraction must be between 0 and 1, got 1.0"),
         ("weight_decay", -0.1, "--weight-decay must be a number >= 0, got -0.1"),
         ("max_grad_norm", 0.0, "--max-grad-norm must be positive, got 0.0"),

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import random
 import re
 import time
 import tomllib
@@ -43,7 +42,7 @@ from softprompt.core.prompt import InitMethod, embed_text
 from softprompt.io.runs import atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs, worker_backbone
 from softprompt.tasks.superglue import get_task, is_task_file, load_examples
-from softprompt.train.loop import TrainConfig
+from softprompt.train.loop import TrainConfig, val_subsample
 
 RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
@@ -152,7 +151,9 @@ class StudyConfig:
         return self.seeds[0] if self.transfer_seed is None else self.transfer_seed
 
     def train_config(self, task: str, seed: int) -> TrainConfig:
-        return TrainConfig(task=task, seed=seed, **{**self.train, **self.per_task.get(task, {})})
+        """A run's config; its val report uses the study's eval subsample (`max_val_examples`) unless a key sets another."""
+        keys = {"max_val_examples": self.max_eval_examples, **self.train, **self.per_task.get(task, {})}
+        return TrainConfig(task=task, seed=seed, **keys)
 
     def to_json(self) -> dict:
         study = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
@@ -288,10 +289,7 @@ def _check_same_config(run_dir: Path, config: TrainConfig) -> None:
 def eval_items(task: str, config: StudyConfig, tokenizer, data_dir: str | Path | None) -> list[Encoded]:
     """The task's val split (or a seeded random subsample of `max_eval_examples`), encoded."""
     train_config = config.train_config(task, config.seeds[0])
-    examples = load_examples(get_task(task), "val", data_dir)
-    if config.max_eval_examples is not None and config.max_eval_examples < len(examples):
-        keep = sorted(random.Random(train_config.data_seed).sample(range(len(examples)), config.max_eval_examples))
-        examples = [examples[i] for i in keep]
+    examples = val_subsample(load_examples(get_task(task), "val", data_dir), config.max_eval_examples, train_config.data_seed)
     return [encode(tokenizer, e, train_config.max_length) for e in examples]
 
 

@@ -8,6 +8,7 @@ reproduces the paper's protocol (which selects on the split it reports) and run.
 from __future__ import annotations
 
 import hashlib
+import random
 import math
 import re
 import time
@@ -100,6 +101,12 @@ class TrainConfig:
     max_train_examples: int | None = field(default=None, metadata=_help("Train on a stratified subsample of this size."))
     dev_fraction: float = field(default=0.1, metadata=_help("Share of train held out as the dev slice."))
     min_dev_examples: int = field(default=32, metadata=_help("Smallest dev slice."))
+    max_dev_examples: int | None = field(
+        default=None, metadata=_help("Score a stratified subsample of the dev slice of this size each epoch (still held out of train).")
+    )
+    max_val_examples: int | None = field(
+        default=None, metadata=_help("Report on a seeded random subsample of val of this size (a study passes its max_eval_examples).")
+    )
     early_stop_on: EarlyStopSplit = field(default=EarlyStopSplit.DEV, metadata=_help("Split for early stopping."))
     max_length: int = field(default=256, metadata=_help("Longest input in tokens; longer contexts lose their start."))
     max_grad_norm: float | None = field(default=None, metadata=_help("Clip the prompt gradient to this norm."))
@@ -143,7 +150,7 @@ class TrainConfig:
             raise ValueError(f"--dtype {self.dtype!r} is not a dtype; use one of {', '.join(DTYPE_CHOICES)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"--device {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
-        for name in ("max_steps", "max_train_examples", "checkpoint_every", "snapshot_every"):
+        for name in ("max_steps", "max_train_examples", "max_dev_examples", "max_val_examples", "checkpoint_every", "snapshot_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -184,13 +191,35 @@ def make_splits(task: Task, config: TrainConfig, data_dir: str | Path | None) ->
     if dev_size >= len(train):
         raise ValueError(f"{task.name} has {len(train)} train examples, too few for a dev slice of {dev_size}")
     train, dev = train_test_split(train, test_size=dev_size, stratify=labels, random_state=config.data_seed)
+    val = val_subsample(val, config.max_val_examples, config.data_seed)
     if config.early_stop_on is EarlyStopSplit.VAL:
         train, dev = train + dev, val
+    elif config.max_dev_examples is not None and config.max_dev_examples < len(dev):
+        dev = _stratified(dev, config.max_dev_examples, config.data_seed, "--max-dev-examples")
     if config.max_train_examples is not None and config.max_train_examples < len(train):
-        train, _ = train_test_split(
-            train, train_size=config.max_train_examples, stratify=[e.label for e in train], random_state=config.data_seed
-        )
+        train = _stratified(train, config.max_train_examples, config.data_seed, "--max-train-examples")
     return Splits(list(train), list(dev), val)
+
+
+def _stratified(examples: list[Example], size: int, seed: int, flag: str) -> list[Example]:
+    """A stratified subsample of `size` examples (by label), the same for every training seed."""
+    try:
+        kept, _ = train_test_split(examples, train_size=size, stratify=[e.label for e in examples], random_state=seed)
+    except ValueError as e:  # fewer examples than classes, or a class too rare to split
+        raise ValueError(f"{flag} {size}: cannot draw a stratified subsample of {len(examples)} examples ({e}); give a larger number") from None
+    return list(kept)
+
+
+def val_subsample(examples: list[Example], size: int | None, seed: int) -> list[Example]:
+    """`size` examples of a val split drawn with `random.Random(seed)`, in file order (all of them when `size` is None or larger).
+
+    The study's `max_eval_examples` and a run's `max_val_examples` both use it, so a run reports on the
+    very examples its study scores.
+    """
+    if size is None or size >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), size))
+    return [examples[i] for i in keep]
 
 
 def initial_prompt(backbone: Backbone, task: Task, config: TrainConfig, generator: torch.Generator) -> Tensor:
