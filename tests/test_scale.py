@@ -27,6 +27,7 @@ from softprompt.io.locks import RunLock, RunLocked, lock_holder
 from softprompt.io.runs import CHECKPOINT_FILE, PROMPT_FILE, is_done, load_checkpoint, load_prompt, read_run
 from softprompt.study.executors import (
     MEMORY_PER_WORKER_BYTES,
+    THREADS_PER_AUTO_WORKER,
     ExecutorConfig,
     RunJob,
     RunOutcome,
@@ -259,14 +260,16 @@ def test_executor_config_errors_name_the_flag(fields, message):
         ExecutorConfig(**fields)
 
 
-def test_auto_workers_give_each_core_a_single_thread_run():
+def test_auto_workers_give_each_run_the_measured_share_of_cores():
+    per_run = THREADS_PER_AUTO_WORKER
     cores, room = cpu_count(), memory_bytes() // MEMORY_PER_WORKER_BYTES
-    assert ExecutorConfig().num_workers(100, "cpu") == max(1, min(100, cores, room))
+    assert ExecutorConfig().num_workers(100, "cpu") == max(1, min(100, cores // per_run, room))
     assert ExecutorConfig().num_workers(1, "cpu") == 1  # never more workers than runs
     assert ExecutorConfig(cpus_per_run=cores).num_workers(8, "cpu") == 1
+    assert ExecutorConfig(cpus_per_run=1).num_workers(100, "cpu") == max(1, min(100, cores, room))
     assert ExecutorConfig(workers="3").num_workers(8, "cpu") == 3
     assert ExecutorConfig(executor="ray").num_workers(40, "cpu") == 40  # Ray schedules them by their resources
-    assert ExecutorConfig(executor="ray").threads_per_run(40) == 1
+    assert ExecutorConfig(executor="ray").threads_per_run(40) == per_run
     assert ExecutorConfig().threads_per_run(1) is None  # one local worker keeps torch's own thread count
     assert ExecutorConfig().threads_per_run(2) == max(1, cores // 2)
     assert ExecutorConfig(cpus_per_run=2).threads_per_run(4) == 2

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from softprompt.flags import HELP_KEY
 from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, load_backbone, tokenizer_identity
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import PromptMode, score
@@ -62,7 +63,7 @@ def options_from(config_cls: type, exclude: tuple[str, ...] = (), optional: tupl
                 default=default,
                 required=required,
                 show_default=not required and default is not None,
-                help=f.metadata.get("help", ""),
+                help=f.metadata.get(HELP_KEY, ""),
             )(func)
         return func
 

@@ -9,6 +9,7 @@ from enum import Enum
 from pathlib import Path
 
 from softprompt.backbones.loading import DEFAULT_MODEL
+from softprompt.flags import flag_help
 
 
 class TooLong(str, Enum):
@@ -16,26 +17,22 @@ class TooLong(str, Enum):
     REJECT = "reject"  # answer 413
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata=_help("Backbone: preset, local HF folder, .gguf file or hub id."))
-    host: str = field(default="127.0.0.1", metadata=_help("Address to bind (loopback by default)."))
-    port: int = field(default=8000, metadata=_help("Port to bind (0: any free port)."))
-    max_batch: int = field(default=32, metadata=_help("Most rows (inputs x prompts) in one forward."))
-    max_wait_ms: float = field(default=5.0, metadata=_help("Longest a request waits for others to share its forward."))
-    max_queue: int = field(default=256, metadata=_help("Most requests in flight; past it, 503 with Retry-After."))
-    api_key_file: str | None = field(default=None, metadata=_help("File holding the API key; then every endpoint but /health needs `Authorization: Bearer KEY`."))
-    max_length: int = field(default=256, metadata=_help("Longest input (context + longest choice) in tokens, as in evaluate."))
-    too_long: TooLong = field(default=TooLong.TRUNCATE, metadata=_help("An input over --max-length: truncate its start (said in the response) or reject (413)."))
-    max_inputs: int = field(default=64, metadata=_help("Most inputs (or completion prompts) in one request."))
-    max_body_bytes: int = field(default=1 << 20, metadata=_help("Largest request body; larger ones get 413."))
-    max_tokens: int = field(default=256, metadata=_help("Most new tokens a completion may ask for."))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
-    drain_timeout_s: float = field(default=30.0, metadata=_help("On SIGTERM, how long to let in-flight requests finish."))
+    model: str = field(default=DEFAULT_MODEL, metadata=flag_help("Backbone: preset, local HF folder, .gguf file or hub id."))
+    host: str = field(default="127.0.0.1", metadata=flag_help("Address to bind (loopback by default)."))
+    port: int = field(default=8000, metadata=flag_help("Port to bind (0: any free port)."))
+    max_batch: int = field(default=32, metadata=flag_help("Most rows (inputs x prompts) in one forward."))
+    max_wait_ms: float = field(default=5.0, metadata=flag_help("Longest a request waits for others to share its forward."))
+    max_queue: int = field(default=256, metadata=flag_help("Most requests in flight; past it, 503 with Retry-After."))
+    api_key_file: str | None = field(default=None, metadata=flag_help("File holding the API key; then every endpoint but /health needs `Authorization: Bearer KEY`."))
+    max_length: int = field(default=256, metadata=flag_help("Longest input (context + longest choice) in tokens, as in evaluate."))
+    too_long: TooLong = field(default=TooLong.TRUNCATE, metadata=flag_help("An input over --max-length: truncate its start (said in the response) or reject (413)."))
+    max_inputs: int = field(default=64, metadata=flag_help("Most inputs (or completion prompts) in one request."))
+    max_body_bytes: int = field(default=1 << 20, metadata=flag_help("Largest request body; larger ones get 413."))
+    max_tokens: int = field(default=256, metadata=flag_help("Most new tokens a completion may ask for."))
+    device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N."))
+    drain_timeout_s: float = field(default=30.0, metadata=flag_help("On SIGTERM, how long to let in-flight requests finish."))
 
     def __post_init__(self) -> None:
         try:

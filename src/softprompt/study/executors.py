@@ -29,16 +29,14 @@ from softprompt.backbones.loading import Backbone, load_backbone, resolve_device
 from softprompt.io.locks import RunLock
 from softprompt.io.runs import RUN_FILE, is_done
 from softprompt.train.loop import TrainConfig, TrainingDiverged, train
+from softprompt.flags import flag_help
 
-# One process at 2 torch threads ran loss_step at 1.6-1.7x its 1-thread speed on 2 cores (issue 15), so two
-# single-thread runs side by side should finish the same runs sooner: `auto` gives each core a worker.
-# NOT yet confirmed by bench/bench_workers.py on an idle machine (docs/scale.md); if it shows otherwise, set 2 here.
-THREADS_PER_AUTO_WORKER = 1
+# Threads or workers, measured by bench/bench_workers.py on this project's 2-core machine (idle, bench/workers.json):
+# four CB runs took 117 s as one process at 2 threads, one after another, and 131 s as two single-thread workers
+# side by side (each run at half the speed: the two share memory bandwidth). So `auto` gives each run 2 cores:
+# one in-process run on 2 cores, one worker per 2 cores on larger machines.
+THREADS_PER_AUTO_WORKER = 2
 MEMORY_PER_WORKER_BYTES = 2 * 1024**3  # a SmolLM2-135M worker peaks near 1.2 GB; leave room
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 class ExecutorKind(str, Enum):
@@ -48,14 +46,14 @@ class ExecutorKind(str, Enum):
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    executor: ExecutorKind = field(default=ExecutorKind.LOCAL, metadata=_help("local: this machine; ray: one Ray task per run."))
+    executor: ExecutorKind = field(default=ExecutorKind.LOCAL, metadata=flag_help("local: this machine; ray: one Ray task per run."))
     workers: str = field(
-        default="auto", metadata=_help("Runs trained at once: N, or auto (on CPU one single-thread worker per core; on a GPU 1).")
+        default="auto", metadata=flag_help("Runs trained at once: N, or auto (on CPU one 2-thread run per 2 cores, measured faster than 1-thread workers; on a GPU 1).")
     )
-    ray_address: str | None = field(default=None, metadata=_help("Ray cluster to join (`ray start --head` prints it); default: a local Ray."))
-    cpus_per_run: int | None = field(default=None, metadata=_help("Torch threads (and Ray CPUs) per run; default: cores / workers."))
-    gpus_per_run: float = field(default=0.0, metadata=_help("GPUs per run (Ray only; 0 trains on CPU)."))
-    max_retries: int = field(default=2, metadata=_help("Retries of a run whose worker died; a retry resumes from the run's checkpoint."))
+    ray_address: str | None = field(default=None, metadata=flag_help("Ray cluster to join (`ray start --head` prints it); default: a local Ray."))
+    cpus_per_run: int | None = field(default=None, metadata=flag_help("Torch threads (and Ray CPUs) per run; default: cores / workers."))
+    gpus_per_run: float = field(default=0.0, metadata=flag_help("GPUs per run (Ray only; 0 trains on CPU)."))
+    max_retries: int = field(default=2, metadata=flag_help("Retries of a run whose worker died; a retry resumes from the run's checkpoint."))
 
     def __post_init__(self) -> None:
         try:

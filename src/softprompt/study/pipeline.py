@@ -43,6 +43,7 @@ from softprompt.io.runs import atomic_write_json, is_done, load_prompt, read_run
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs, worker_backbone
 from softprompt.tasks.superglue import get_task, is_task_file, load_examples
 from softprompt.train.loop import TrainConfig, val_subsample
+from softprompt.flags import flag_help
 
 RESULTS_FILE = "results.json"
 STUDY_FILE = "study.json"
@@ -52,10 +53,6 @@ SHARED_KEYS = ("model", "num_tokens", "device", "dtype")  # one backbone, prompt
 RESULT_NEUTRAL_KEYS = ("device", "eval_batch_size")  # a finished run with other values still counts as the same run
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN_KEYS)
 PER_TASK_KEYS = tuple(k for k in TRAIN_KEYS if k not in SHARED_KEYS)
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
 
 
 @dataclass(frozen=True)
@@ -68,30 +65,30 @@ class StudyConfig:
     but the ones that must be shared for prompts to be compared: `model`, `num_tokens`, `device`.
     """
 
-    tasks: tuple[str, ...] = field(metadata=_help("Tasks to train, e.g. [\"cb\", \"rte\", \"copa\", \"wsc\"]."))
-    seeds: tuple[int, ...] = field(metadata=_help("Training seeds; one run per (task, seed)."))
-    train: dict[str, Any] = field(default_factory=dict, metadata=_help("TrainConfig fields shared by every run."))
+    tasks: tuple[str, ...] = field(metadata=flag_help("Tasks to train, e.g. [\"cb\", \"rte\", \"copa\", \"wsc\"]."))
+    seeds: tuple[int, ...] = field(metadata=flag_help("Training seeds; one run per (task, seed)."))
+    train: dict[str, Any] = field(default_factory=dict, metadata=flag_help("TrainConfig fields shared by every run."))
     per_task: dict[str, dict[str, Any]] = field(
-        default_factory=dict, metadata=_help("Training keys for one task, overriding the shared ones: [per_task.rte] init = ...")
+        default_factory=dict, metadata=flag_help("Training keys for one task, overriding the shared ones: [per_task.rte] init = ...")
     )
     transfer_seed: int | None = field(
-        default=None, metadata=_help("Whose prompt stands for a task in transfer and similarity (default: the first seed).")
+        default=None, metadata=flag_help("Whose prompt stands for a task in transfer and similarity (default: the first seed).")
     )
     max_eval_examples: int | None = field(
-        default=None, metadata=_help("Score a seeded random subsample of each val split of this size (default: all of it).")
+        default=None, metadata=flag_help("Score a seeded random subsample of each val split of this size (default: all of it).")
     )
-    top_k: int = field(default=3, metadata=_help("Nearest tokens per prompt row."))
-    name: str = field(default="", metadata=_help("A title for the report."))
+    top_k: int = field(default=3, metadata=flag_help("Nearest tokens per prompt row."))
+    name: str = field(default="", metadata=flag_help("A title for the report."))
     spot_steps: int = field(
-        default=16, metadata=_help("SPoT: optimizer steps for every (source -> target) run and its default-init twin; 0 turns SPoT off.")
+        default=16, metadata=flag_help("SPoT: optimizer steps for every (source -> target) run and its default-init twin; 0 turns SPoT off.")
     )
     probe_examples: int = field(
-        default=8, metadata=_help("ON similarity: val contexts per task in the fixed probe set; 0 leaves ON out.")
+        default=8, metadata=flag_help("ON similarity: val contexts per task in the fixed probe set; 0 leaves ON out.")
     )
     ablation_lengths: tuple[int, ...] = field(
-        default=(), metadata=_help("Lester's ablation: prompt lengths to train for every task x `ablation_inits` (one seed).")
+        default=(), metadata=flag_help("Lester's ablation: prompt lengths to train for every task x `ablation_inits` (one seed).")
     )
-    ablation_inits: tuple[str, ...] = field(default=(), metadata=_help("Lester's ablation: inits, e.g. [\"text\", \"random\"]."))
+    ablation_inits: tuple[str, ...] = field(default=(), metadata=flag_help("Lester's ablation: inits, e.g. [\"text\", \"random\"]."))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))

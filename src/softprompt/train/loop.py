@@ -55,6 +55,7 @@ from softprompt.io.sources import load_prompt_source
 from softprompt.tasks.superglue import DataError, Example, Task, get_task, load_examples
 from softprompt.tasks.taskfile import data_files, split_name
 from softprompt.train import distributed
+from softprompt.flags import flag_help
 
 # Data-parallel (torchrun): every rank trains the same prompt; rank 0 alone writes the run folder.
 atomic_write_json, save_prompt, save_checkpoint, remove_temp_files = map(
@@ -80,52 +81,48 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient became NaN/inf; the last good prompt is kept on disk."""
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = field(metadata=_help("Built-in task (cb, rte, copa, wsc, wic, multirc, boolq) or the path of a task file (lm-eval YAML)."))
-    model: str = field(default=DEFAULT_MODEL, metadata=_help("Preset, local HF folder, .gguf file or hub id."))
-    init: InitMethod = field(default=InitMethod.TEXT, metadata=_help("Prompt initialisation (Lester et al.)."))
-    init_text: str | None = field(default=None, metadata=_help("Text for --init text; default: the task's good prompt."))
-    num_tokens: int = field(default=20, metadata=_help("Prompt length P (virtual tokens)."))
-    lr: float = field(default=0.03, metadata=_help("AdamW learning rate."))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
-    batch_size: int = field(default=8, metadata=_help("Examples per forward."))
-    grad_accum: int = field(default=1, metadata=_help("Forwards per optimizer step."))
-    epochs: int = field(default=50, metadata=_help("Maximum epochs (paper: 50)."))
-    max_steps: int | None = field(default=None, metadata=_help("Stop after this many optimizer steps."))
-    patience: int = field(default=5, metadata=_help("Early stopping: epochs without a better dev loss (paper: 5)."))
-    max_train_examples: int | None = field(default=None, metadata=_help("Train on a stratified subsample of this size."))
-    dev_fraction: float = field(default=0.1, metadata=_help("Share of train held out as the dev slice."))
-    min_dev_examples: int = field(default=32, metadata=_help("Smallest dev slice."))
+    task: str = field(metadata=flag_help("Built-in task (cb, rte, copa, wsc, wic, multirc, boolq) or the path of a task file (lm-eval YAML)."))
+    model: str = field(default=DEFAULT_MODEL, metadata=flag_help("Preset, local HF folder, .gguf file or hub id."))
+    init: InitMethod = field(default=InitMethod.TEXT, metadata=flag_help("Prompt initialisation (Lester et al.)."))
+    init_text: str | None = field(default=None, metadata=flag_help("Text for --init text; default: the task's good prompt."))
+    num_tokens: int = field(default=20, metadata=flag_help("Prompt length P (virtual tokens)."))
+    lr: float = field(default=0.03, metadata=flag_help("AdamW learning rate."))
+    weight_decay: float = field(default=0.0, metadata=flag_help("AdamW weight decay."))
+    batch_size: int = field(default=8, metadata=flag_help("Examples per forward."))
+    grad_accum: int = field(default=1, metadata=flag_help("Forwards per optimizer step."))
+    epochs: int = field(default=50, metadata=flag_help("Maximum epochs (paper: 50)."))
+    max_steps: int | None = field(default=None, metadata=flag_help("Stop after this many optimizer steps."))
+    patience: int = field(default=5, metadata=flag_help("Early stopping: epochs without a better dev loss (paper: 5)."))
+    max_train_examples: int | None = field(default=None, metadata=flag_help("Train on a stratified subsample of this size."))
+    dev_fraction: float = field(default=0.1, metadata=flag_help("Share of train held out as the dev slice."))
+    min_dev_examples: int = field(default=32, metadata=flag_help("Smallest dev slice."))
     max_dev_examples: int | None = field(
-        default=None, metadata=_help("Score a stratified subsample of the dev slice of this size each epoch (still held out of train).")
+        default=None, metadata=flag_help("Score a stratified subsample of the dev slice of this size each epoch (still held out of train).")
     )
     max_val_examples: int | None = field(
-        default=None, metadata=_help("Report on a seeded random subsample of val of this size (a study passes its max_eval_examples).")
+        default=None, metadata=flag_help("Report on a seeded random subsample of val of this size (a study passes its max_eval_examples).")
     )
-    early_stop_on: EarlyStopSplit = field(default=EarlyStopSplit.DEV, metadata=_help("Split for early stopping."))
-    max_length: int = field(default=256, metadata=_help("Longest input in tokens; longer contexts lose their start."))
-    max_grad_norm: float | None = field(default=None, metadata=_help("Clip the prompt gradient to this norm."))
-    eval_batch_size: int = field(default=32, metadata=_help("Most examples per forward when scoring."))
-    seed: int = field(default=0, metadata=_help("Seed for init, data order and everything else random in training."))
-    data_seed: int = field(default=0, metadata=_help("Seed for the dev split and train subsample (fixed across seeds)."))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N."))
+    early_stop_on: EarlyStopSplit = field(default=EarlyStopSplit.DEV, metadata=flag_help("Split for early stopping."))
+    max_length: int = field(default=256, metadata=flag_help("Longest input in tokens; longer contexts lose their start."))
+    max_grad_norm: float | None = field(default=None, metadata=flag_help("Clip the prompt gradient to this norm."))
+    eval_batch_size: int = field(default=32, metadata=flag_help("Most examples per forward when scoring."))
+    seed: int = field(default=0, metadata=flag_help("Seed for init, data order and everything else random in training."))
+    data_seed: int = field(default=0, metadata=flag_help("Seed for the dev split and train subsample (fixed across seeds)."))
+    device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N."))
     dtype: str = field(
-        default="auto", metadata=_help("Backbone weights: auto (bf16 on a CUDA GPU with bf16, else float32), float32, bfloat16, float16.")
+        default="auto", metadata=flag_help("Backbone weights: auto (bf16 on a CUDA GPU with bf16, else float32), float32, bfloat16, float16.")
     )
     checkpoint_every: int | None = field(
-        default=None, metadata=_help("Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch end).")
+        default=None, metadata=flag_help("Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch end).")
     )
     init_from: str | None = field(
-        default=None, metadata=_help("For --init prompt: the run folder, prompt file or PEFT adapter whose prompt starts this one (SPoT).")
+        default=None, metadata=flag_help("For --init prompt: the run folder, prompt file or PEFT adapter whose prompt starts this one (SPoT).")
     )
-    optimizer: OptimizerName = field(default=OptimizerName.ADAMW, metadata=_help("adamw, or adafactor (Lester et al.; constant --lr)."))
+    optimizer: OptimizerName = field(default=OptimizerName.ADAMW, metadata=flag_help("adamw, or adafactor (Lester et al.; constant --lr)."))
     snapshot_every: int | None = field(
-        default=None, metadata=_help("Save the prompt every N epochs (and the init) under snapshots/, to follow its drift.")
+        default=None, metadata=flag_help("Save the prompt every N epochs (and the init) under snapshots/, to follow its drift.")
     )
 
     def __post_init__(self) -> None:
