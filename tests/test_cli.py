@@ -155,3 +155,24 @@ def test_train_divergence_exits_3_and_records_it(wide_gpt2_dir, tmp_path):
     assert "training stopped: loss is nan" in result.output
     assert json.loads((out / RUN_FILE).read_text())["status"] == "diverged"
     assert (out / PROMPT_FILE).is_file()
+
+
+def test_train_spot_flags_end_to_end(trained_run, tiny_model_dir, tmp_path):
+    """The README's SPoT command: --init prompt --init-from RUN, --optimizer adafactor, --snapshot-every,
+    --max-dev-examples and --max-val-examples reach the run, and epoch 0's snapshot is the source prompt."""
+    from conftest import FIXTURE_DATA
+    from softprompt.io.runs import load_prompt
+
+    _, source = trained_run
+    out = tmp_path / "rte-from-cb"
+    result = invoke("train", "--task", "rte", "--model", tiny_model_dir, "--data-dir", FIXTURE_DATA, *TINY_TRAIN,
+                    "--init", "prompt", "--init-from", source, "--optimizer", "adafactor", "--lr", "0.3", "--snapshot-every", "1",
+                    "--max-dev-examples", "4", "--max-val-examples", "5", "--out", out)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / RUN_FILE).read_text())
+    assert {k: record["config"][k] for k in ("init", "init_from", "optimizer", "snapshot_every")} == {
+        "init": "prompt", "init_from": str(source), "optimizer": "adafactor", "snapshot_every": 1}
+    assert (record["data"]["dev"], record["data"]["val"]) == (4, 5)
+    start, _ = load_prompt(out / "snapshots" / "epoch-0000.safetensors")
+    assert start.equal(load_prompt(source)[0])
+    assert not load_prompt(out)[0].equal(start)  # it trained

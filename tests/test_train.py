@@ -16,7 +16,7 @@ from softprompt.data.batch import encode, train_batch
 from softprompt.eval.scoring import metrics, score
 from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_prompt
 from softprompt.tasks.superglue import TASKS, load_examples
-from softprompt.train.loop import TrainConfig, TrainingDiverged, initial_prompt, loss_step, make_splits, train, val_subsample
+from softprompt.train.loop import TrainConfig, TrainingDiverged, config_differences, initial_prompt, loss_step, make_splits, train, val_subsample
 
 # 24 train rows per task in the fixture: a dev slice of 6, 18 left to train on.
 TINY = dict(num_tokens=4, lr=0.3, epochs=1, min_dev_examples=6, batch_size=8, device="cpu")
@@ -196,6 +196,16 @@ def test_dev_and_val_subsamples_are_seeded_and_held_out(data_dir):
     assert val_subsample(val, 100, 0) == val
     with pytest.raises(ValueError, match=r"--max-dev-examples 2: cannot draw a stratified subsample of 6 examples"):
         make_splits(task, tiny_config(min_dev_examples=6, max_dev_examples=2), data_dir)
+
+
+def test_a_field_missing_from_an_older_run_counts_as_its_default():
+    """A run made before --optimizer or --max-dev-examples existed was trained with their defaults: it resumes."""
+    config = TrainConfig(task="cb", lr=0.1)
+    saved = {k: v for k, v in config.to_json().items() if k not in ("optimizer", "max_dev_examples", "max_val_examples")}
+    assert config_differences(saved, config) == {}
+    assert config_differences(saved, TrainConfig(task="cb", lr=0.1, optimizer="adafactor")) == {"optimizer": ("adamw", "adafactor")}
+    assert config_differences(saved | {"lr": 0.3}, config) == {"lr": (0.3, 0.1)}
+    assert config_differences(saved | {"lr": 0.3}, config, ignore=("lr",)) == {}
 
 
 def test_too_few_examples_for_the_dev_slice(data_dir):

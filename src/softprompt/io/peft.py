@@ -25,9 +25,8 @@ from softprompt.io.runs import (
     check_prompt_tensor,
     load_prompt,
     provenance,
+    read_prompt_tensor,
     read_run,
-    read_safetensors,
-    refuse_pickle,
     save_prompt,
     tensor_sha256,
 )
@@ -158,12 +157,7 @@ def read_adapter_config(config_path: Path) -> dict:
 
 def _adapter_prompt(path: Path, config: dict, hidden_size: int | None) -> tuple[Tensor, dict[str, str]]:
     """Read, check and describe the `prompt_embeddings` tensor of a PEFT weights file."""
-    data = path.read_bytes()
-    refuse_pickle(path, data, PromptFileError)
-    tensors, _ = read_safetensors(path, data, PromptFileError)
-    if ADAPTER_KEY not in tensors:
-        raise PromptFileError(f"{path}: no '{ADAPTER_KEY}' tensor (found {sorted(tensors)}); is it a prompt-tuning adapter?")
-    prompt = tensors[ADAPTER_KEY].float()
+    prompt, _ = read_prompt_tensor(path, ADAPTER_KEY, "; is it a prompt-tuning adapter?")
     expected = [config.get("num_virtual_tokens", prompt.shape[0]), config.get("token_dim", prompt.shape[-1])]
     if prompt.dim() != 2 or list(prompt.shape) != expected:
         raise PromptFileError(f"{path}: {ADAPTER_KEY} has shape {list(prompt.shape)}, the config says {expected}")

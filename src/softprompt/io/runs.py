@@ -126,6 +126,20 @@ def read_safetensors(path: Path, data: bytes, error: type[ValueError]) -> tuple[
     return tensors, header.get("__metadata__") or {}
 
 
+def read_prompt_tensor(path: Path, key: str, hint: str = "") -> tuple[Tensor, dict[str, str]]:
+    """(the float32 tensor `key`, header metadata) of a safetensors prompt file, refusing pickle.
+
+    Raises:
+        PromptFileError: a pickle, an unreadable file, or no `key` tensor (`hint` says what the file should be).
+    """
+    data = path.read_bytes()
+    refuse_pickle(path, data, PromptFileError)
+    tensors, metadata = read_safetensors(path, data, PromptFileError)
+    if key not in tensors:
+        raise PromptFileError(f"{path}: no '{key}' tensor (found {sorted(tensors)}){hint}")
+    return tensors[key].float(), metadata
+
+
 def prompt_path(path: Path) -> Path:
     path = Path(path)
     return path / PROMPT_FILE if path.is_dir() else path
@@ -168,12 +182,7 @@ def load_prompt(path: Path, hidden_size: int | None = None) -> tuple[Tensor, dic
         refuse_pickle(path, b"", PromptFileError)
     if not path.is_file():
         raise PromptFileError(f"prompt file not found: {path}")
-    data = path.read_bytes()
-    refuse_pickle(path, data, PromptFileError)
-    tensors, metadata = read_safetensors(path, data, PromptFileError)
-    if PROMPT_KEY not in tensors:
-        raise PromptFileError(f"{path}: no '{PROMPT_KEY}' tensor (found {sorted(tensors)})")
-    prompt = tensors[PROMPT_KEY].float()
+    prompt, metadata = read_prompt_tensor(path, PROMPT_KEY)
     if "sha256" in metadata and metadata["sha256"] != tensor_sha256(prompt):
         raise PromptFileError(f"{path}: checksum mismatch, the file was altered or damaged; retrain or restore it")
     check_prompt_tensor(path, prompt, hidden_size, metadata.get("model"))

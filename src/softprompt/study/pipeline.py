@@ -39,7 +39,7 @@ from softprompt.data.batch import Encoded, encode
 from softprompt.eval.scoring import Scores, metrics, score
 from softprompt.analysis.interpret import interpret_prompt, rows_to_json, run_init_ids
 from softprompt.core.prompt import InitMethod, embed_text
-from softprompt.io.runs import atomic_write_json, is_done, load_prompt, read_run, tensor_sha256
+from softprompt.io.runs import atomic_write_json, load_prompt, read_run, tensor_sha256
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs, worker_backbone
 from softprompt.tasks.superglue import get_task, is_task_file, load_examples
 from softprompt.train.loop import TrainConfig, val_subsample
@@ -257,8 +257,7 @@ def train_all(
     for i, (task, seed) in enumerate(grid, start=1):
         name, train_config, label = run_name(task, seed), config.train_config(task, seed), f"run {i}/{len(grid)}: {task} seed {seed}"
         run_dir = (out_dir / "runs" / name).resolve()
-        if is_done(run_dir):
-            _check_same_config(run_dir, train_config)
+        if stages.reusable(train_config, run_dir):
             echo(f"{label} (done, skipped)")
             statuses[name] = "done"
             continue
@@ -267,17 +266,6 @@ def train_all(
     for name, outcome in run_jobs(jobs, executor or IN_PROCESS, backbone, echo, progress).items():
         statuses[name] = "done" if outcome.status == "skipped" else outcome.status  # skipped: another process finished it
     return statuses
-
-
-def _check_same_config(run_dir: Path, config: TrainConfig) -> None:
-    saved = read_run(run_dir).get("config", {})
-    wanted = config.to_json()
-    differ = sorted(k for k in wanted if k not in RESULT_NEUTRAL_KEYS and saved.get(k) != wanted[k])
-    if differ:
-        detail = ", ".join(f"{k}: run {saved.get(k)!r} vs study {wanted[k]!r}" for k in differ)
-        raise ValueError(
-            f"{run_dir} was trained with a different config ({detail}); use another --out, or delete that run folder to retrain it"
-        )
 
 
 # --- evaluation with a score cache ---------------------------------------------------------------

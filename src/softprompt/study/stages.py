@@ -28,7 +28,7 @@ from softprompt.core.prompt import InitMethod
 from softprompt.data.batch import Encoded, pad
 from softprompt.eval.scoring import Scores
 from softprompt.io.runs import RUN_FILE, is_done, load_prompt, read_run
-from softprompt.train.loop import SNAPSHOT_DIR, TrainConfig
+from softprompt.train.loop import SNAPSHOT_DIR, TrainConfig, config_differences
 
 RESULT_NEUTRAL_KEYS = ("device", "eval_batch_size")
 
@@ -109,11 +109,12 @@ def reusable(config: TrainConfig, run_dir: Path) -> bool:
     """
     if not is_done(run_dir):
         return False
-    saved, wanted = read_run(run_dir).get("config", {}), config.to_json()
-    differ = sorted(k for k in wanted if k not in RESULT_NEUTRAL_KEYS and saved.get(k) != wanted[k])
+    differ = config_differences(read_run(run_dir).get("config", {}), config, ignore=RESULT_NEUTRAL_KEYS)
     if differ:
-        detail = ", ".join(f"{k}: run {saved.get(k)!r} vs study {wanted[k]!r}" for k in differ)
-        raise ValueError(f"{run_dir} was trained with a different config ({detail}); use another --out, or delete that run folder")
+        detail = ", ".join(f"{k}: run {saved!r} vs study {wanted!r}" for k, (saved, wanted) in differ.items())
+        raise ValueError(
+            f"{run_dir} was trained with a different config ({detail}); use another --out, or delete that run folder to retrain it"
+        )
     return True
 
 

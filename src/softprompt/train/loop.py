@@ -12,7 +12,7 @@ import random
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 
@@ -540,6 +540,22 @@ def data_fingerprint(task: Task, data_dir: str | Path | None) -> dict:
     return {"dir": str(folder) if folder else None, "task_file": str(task.source.resolve()), **sha}
 
 
+def config_differences(saved: dict, config: TrainConfig, ignore: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """{field: (saved value, `config`'s value)} for every field of `config` a run's saved config sets otherwise.
+
+    A field the saved config lacks (the run was made before the field existed) counts as its default,
+    which is what that run did; `ignore` names fields that may differ.
+    """
+    defaults = {f.name: f.default.value if isinstance(f.default, Enum) else f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    wanted = config.to_json()
+    out = {}
+    for key in sorted(wanted):
+        before = saved.get(key, defaults.get(key))
+        if key not in ignore and before != wanted[key]:
+            out[key] = (before, wanted[key])
+    return out
+
+
 def check_run_dir(out_dir: Path, config: TrainConfig, data: dict, resume: bool) -> None:
     """Refuse to overwrite a run, and to resume a finished run, another config or changed data.
 
@@ -557,10 +573,9 @@ def check_run_dir(out_dir: Path, config: TrainConfig, data: dict, resume: bool) 
     record = read_run(out_dir)
     if record.get("status") == "done":
         raise ValueError(f"{out_dir} is a finished run (status done); nothing to resume. Train into another --out")
-    saved, current = record.get("config", {}), config.to_json()
-    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    changed = config_differences(record.get("config", {}), config, ignore=RESUMABLE_CHANGES)
     if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        diffs = ", ".join(f"--{k.replace('_', '-')} {saved!r} -> {current!r}" for k, (saved, current) in changed.items())
         raise ValueError(f"cannot resume {out_dir} with another config ({diffs}); resume with the run's own settings")
     old = record.get("data", {})
     for key in ("train_sha256", "val_sha256"):
