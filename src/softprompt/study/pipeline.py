@@ -272,9 +272,9 @@ def train_all(
 
 
 def eval_items(task: str, config: StudyConfig, tokenizer, data_dir: str | Path | None) -> list[Encoded]:
-    """The task's val split (or a seeded random subsample of `max_eval_examples`), encoded."""
+    """The task's val split as its runs report it (`max_val_examples`, which `max_eval_examples` sets), encoded."""
     train_config = config.train_config(task, config.seeds[0])
-    examples = val_subsample(load_examples(get_task(task), "val", data_dir), config.max_eval_examples, train_config.data_seed)
+    examples = val_subsample(load_examples(get_task(task), "val", data_dir), train_config.max_val_examples, train_config.data_seed)
     return [encode(tokenizer, e, train_config.max_length) for e in examples]
 
 
