@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from softprompt.analysis.measures import majority_vote, mean_logprob
 from softprompt.backbones.loading import Backbone
 from softprompt.data.batch import Encoded, encode, length_of
 from softprompt.serve.bank import BankEntry, UnknownPrompt
@@ -253,10 +254,8 @@ def _classify_result(example: tuple[Example, str | None], logprobs: torch.Tensor
     if not ensemble:
         return {**answer(int(logprobs[0].argmax())), "logprobs": _finite(logprobs[0]), "probs": _finite(probs[0]), **out}
     votes = torch.bincount(logprobs.argmax(-1), minlength=n)  # [C]
-    mean = logprobs.mean(0)  # [C]
-    # Lester's majority vote; a tie goes to the tied choice with the higher mean log-probability
-    tied = votes == votes.max()
-    vote = int(torch.where(tied, mean, torch.full_like(mean, float("-inf"))).argmax())
+    mean = mean_logprob(logprobs[:, None])[0]  # [K, 1, C] -> [C]
+    vote = int(majority_vote(logprobs[:, None])[0])  # the analysis's rule: ties go to the higher mean log-probability
     members_out = [{"prompt": name, **answer(int(lp.argmax())), "logprobs": _finite(lp), "probs": _finite(p)}
                    for name, lp, p in zip(members, logprobs, probs)]
     return {**answer(vote), "votes": votes.tolist(), "mean_logprob": {**answer(int(mean.argmax())), "logprobs": _finite(mean)},
