@@ -84,7 +84,7 @@ async def completions(body: CompletionRequest, request: Request) -> dict:
                        "prompt", "request_too_large")
     if body.max_tokens > config.max_tokens:
         raise ApiError(422, f"max_tokens: {body.max_tokens} is over the server's limit {config.max_tokens}", "max_tokens")
-    positions = getattr(backbone.model.config.get_text_config(), "max_position_embeddings", None)
+    positions = context_length(backbone)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     jobs = []
     for i, (ids, _) in enumerate(prompts):
@@ -101,6 +101,11 @@ async def completions(body: CompletionRequest, request: Request) -> dict:
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model, "choices": choices,
             "usage": {"prompt_tokens": used, "completion_tokens": new, "total_tokens": used + new}}
+
+
+def context_length(backbone: Backbone) -> int | None:
+    """The most positions the model takes (prompt + input + new tokens), or None where its config does not say."""
+    return getattr(backbone.model.config.get_text_config(), "max_position_embeddings", None)
 
 
 def _entry_index(names: dict[str, int], name: object, field: str) -> int:
@@ -200,7 +205,7 @@ def _encode(backbone: Backbone, config: ServeConfig, example: tuple[Example, str
     The limit is `--max-length`, and the model's context less the longest prompt that scores it.
     """
     example, _ = example
-    positions = getattr(backbone.model.config.get_text_config(), "max_position_embeddings", None)
+    positions = context_length(backbone)
     limit = min(config.max_length, positions - prompt_tokens) if positions else config.max_length
     try:
         full = encode(backbone.tokenizer, example, 1 << 30)
