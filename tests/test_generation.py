@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import softprompt.core.forward as forward
 from softprompt.cli import app
-from softprompt.eval.generation import cut_at, exact_match, generation_metrics, normalize_answer, token_f1
+from softprompt.eval.generation import cut_at_stop, exact_match, generation_metrics, normalize_answer, token_f1
 from softprompt.tasks.superglue import Example, get_task, load_examples
 from softprompt.train.loop import TrainConfig, train
 
@@ -44,7 +44,7 @@ def test_squad_normalisation_exact_match_and_f1():
     # prediction "eiffel" vs "eiffel tower": precision 1, recall 1/2 -> F1 2/3; the best reference counts
     assert token_f1("Eiffel", ["Eiffel Tower"]) == pytest.approx(2 / 3)
     assert token_f1("Eiffel", ["Louvre", "the Eiffel"]) == 1.0 and token_f1("", ["x"]) == 0.0 and token_f1("a", ["the"]) == 1.0
-    assert cut_at(" Paris\nQ: next", ("\n",)) == "Paris" and cut_at(" Rome", ("\n",)) == "Rome"
+    assert cut_at_stop(" Paris\nQ: next", ("\n",)) == " Paris" and cut_at_stop(" Rome", ("\n",)) == " Rome"
 
 
 def test_generation_metrics_in_percent():

@@ -15,6 +15,7 @@ from collections import Counter
 from torch import Tensor
 
 from softprompt.backbones.loading import Backbone
+from softprompt.core.forward import generate, prompt_keys_values
 from softprompt.tasks.data import Example
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -47,22 +48,24 @@ def token_f1(prediction: str, references: list[str]) -> float:
     return best
 
 
-def cut_at(text: str, until: tuple[str, ...]) -> str:
-    """`text` up to the first stop string (lm-eval's `until`), stripped."""
-    ends = [text.find(stop) for stop in until if stop and stop in text]
-    return (text[: min(ends)] if ends else text).strip()
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """`text` up to the first of the stop strings (lm-eval's `until`, OpenAI's `stop`); empty ones never match.
+
+    The result is shorter than `text` exactly when a stop string was found.
+    """
+    ends = [text.find(s) for s in stop if s and s in text]
+    return text[: min(ends)] if ends else text
 
 
 def generate_texts(
     backbone: Backbone, prompt: Tensor | None, texts: list[str], max_new_tokens: int = 32,
     until: tuple[str, ...] = ("\n\n",), max_length: int = 256, batch_size: int = 16,
 ) -> list[str]:
-    """What the prompted model writes after each text: greedy, at most `max_new_tokens`, cut at `until`.
+    """What the prompted model writes after each text: greedy, at most `max_new_tokens` tokens.
 
-    Contexts longer than `max_length - max_new_tokens` tokens lose their start, as in scoring.
+    Each text is cut before the first of `until` and stripped of surrounding whitespace. A context
+    keeps its last `max_length - max_new_tokens` tokens (at least one), as in scoring.
     """
-    from softprompt.core.forward import generate, prompt_keys_values  # generate: the forward branch's API
-
     model, tokenizer = backbone.model, backbone.tokenizer
     room = max(1, max_length - max_new_tokens)
     cache = None if prompt is None else prompt_keys_values(model, prompt.to(backbone.device))
@@ -70,7 +73,7 @@ def generate_texts(
     for start in range(0, len(texts), batch_size):
         rows = [tokenizer(t)["input_ids"][-room:] for t in texts[start : start + batch_size]]
         for tokens, _ in generate(model, cache, rows, max_new_tokens, eos_token_id=tokenizer.eos_token_id):
-            out.append(cut_at(tokenizer.decode(tokens, skip_special_tokens=True), until))
+            out.append(cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), until).strip())
     return out
 
 

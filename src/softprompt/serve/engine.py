@@ -14,6 +14,7 @@ from torch import Tensor
 from softprompt.backbones.loading import Backbone
 from softprompt.core.forward import generate, logits_at
 from softprompt.data.batch import Encoded
+from softprompt.eval.generation import cut_at_stop
 from softprompt.eval.scoring import score_mixed
 from softprompt.serve.bank import BankEntry
 
@@ -115,11 +116,12 @@ def complete(backbone: Backbone, entry: BankEntry, job: CompletionJob) -> Comple
 def _cut_at_stop(backbone: Backbone, new: list[int], stop: tuple[str, ...]) -> tuple[list[int], str, bool]:
     """(tokens kept, text, whether a stop string cut it): the text ends before the first stop string."""
     text = backbone.tokenizer.decode(new, skip_special_tokens=True)
-    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-    if cut < 0:
+    kept = cut_at_stop(text, stop)
+    if len(kept) == len(text):
         return new, text, False
-    keep = next((j for j in range(1, len(new) + 1) if len(backbone.tokenizer.decode(new[:j], skip_special_tokens=True)) > cut), len(new))
-    return new[:keep], text[:cut], True
+    # the tokens up to the first one whose text reaches past the cut
+    keep = next((j for j in range(1, len(new) + 1) if len(backbone.tokenizer.decode(new[:j], skip_special_tokens=True)) > len(kept)), len(new))
+    return new[:keep], kept, True
 
 
 def _logits(backbone: Backbone, entry: BankEntry, ids: list[int], positions: list[int]) -> Tensor:
