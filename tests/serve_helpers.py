@@ -29,9 +29,10 @@ def write_sources(folder: Path, hidden: int = 16) -> dict[str, Path]:
     return {"cb": run, "copa": folder / "copa.safetensors", "plain": folder / "plain-adapter"}
 
 
-def start(backbone, bank, **config) -> ServerThread:
+def start(backbone, bank, run=None, **config) -> ServerThread:
+    """The app on a free port; `run` replaces what the model thread runs (hand-made scores)."""
     config = ServeConfig(port=0, **config)
-    return ServerThread(create_app(backbone, bank, config), config)
+    return ServerThread(create_app(backbone, bank, config, run), config)
 
 
 def bank_for(backbone, sources: dict[str, Path]):

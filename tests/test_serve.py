@@ -122,12 +122,32 @@ def test_ensemble_is_majority_vote_and_mean_log_probability(client, data_dir):
         members = [single[n][e] for n in PROMPT_LENGTHS]
         torch.testing.assert_close(torch.tensor([m["logprobs"] for m in result["members"]]),
                                    torch.tensor([m["logprobs"] for m in members]), atol=1e-5, rtol=0)
-        votes = [sum(m["choice"] == c for m in members) for c in range(3)]
-        assert result["votes"] == votes
-        mean = torch.tensor([m["logprobs"] for m in members]).mean(0)
-        assert result["mean_logprob"]["choice"] == int(mean.argmax())
-        best = [c for c in range(3) if votes[c] == max(votes)]
-        assert result["choice"] == max(best, key=lambda c: mean[c])
+        assert result["votes"] == [sum(m["choice"] == c for m in members) for c in range(3)]
+
+
+# [K=4 prompts, E=2 inputs, C=3 choices] of log-likelihoods, made by hand
+HAND_MADE = torch.tensor([
+    [[-0.1, -2.0, -5.0], [-1.0, -1.1, -9.0]],  # votes: choice 0, choice 0
+    [[-0.2, -3.0, -5.0], [-1.0, -1.1, -9.0]],  # 0, 0
+    [[-4.0, -0.1, -5.0], [-1.0, -1.1, -9.0]],  # 1, 0
+    [[-3.0, -0.5, -5.0], [-9.0, -0.1, -9.0]],  # 1, 1
+])
+
+
+def test_ensemble_tie_goes_to_the_higher_mean_and_the_vote_can_differ_from_the_mean(backbone, bank):
+    """Input 0: votes 2-2 between choices 0 and 1; means -1.825 and -1.4, so choice 1 wins the tie.
+    Input 1: votes 3-1 for choice 0; means -3.0 and -0.85, so the vote says 0 and the mean says 1."""
+    fixed = lambda kind, jobs: [HAND_MADE.reshape(8, 3)]  # noqa: E731  [K*E, C], prompt-major as the route sends
+    inputs = [{"text": "Pick one.", "choices": [" yes", " no", " maybe"]}] * 2
+    body = {"prompt": ["random-llama", "cb", "copa", "plain"], "inputs": inputs}
+    with start(backbone, bank, run=fixed) as server:
+        results = httpx.post(f"{server.url}/v1/classify", json=body).json()["results"]
+    assert [r["votes"] for r in results] == [[2, 2, 0], [3, 1, 0]]
+    assert [r["choice"] for r in results] == [1, 0]
+    assert [r["text"] for r in results] == [" no", " yes"]
+    assert [r["mean_logprob"]["choice"] for r in results] == [1, 1]
+    assert results[0]["mean_logprob"]["logprobs"] == pytest.approx([-1.825, -1.4, -5.0])
+    assert [m["choice"] for m in results[0]["members"]] == [0, 0, 1, 1]
 
 
 BAD_CLASSIFY = [
@@ -344,13 +364,36 @@ def test_bad_completion_requests_are_4xx_naming_the_field(client, body, status, 
     assert response.json()["error"]["field"] == field
 
 
-def test_metrics_count_requests_errors_batches_and_latency(client):
-    client.post("/v1/classify", json={"prompt": "nope", "inputs": []})
-    text = client.get("/metrics").text
-    for name in ("softprompt_requests_total", "softprompt_errors_total", "softprompt_batch_rows_bucket",
-                 "softprompt_queue_wait_seconds_bucket", "softprompt_request_latency_seconds_bucket", "softprompt_jobs_in_flight"):
-        assert name in text
-    assert 'softprompt_errors_total{endpoint="/v1/classify",type="invalid_request_error"}' in text
+def samples(metrics_text: str) -> dict[str, float]:
+    """Prometheus text as `{'name{labels}': value}`."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_metrics_count_requests_errors_batches_and_latency(backbone, bank):
+    """On a fresh server: 2 good classify requests (1 and 3 inputs), 1 unknown prompt, 1 empty inputs, 1 health, 1 bad path."""
+    one = {"text": "a b c", "choices": [" d", " e"]}
+    with start(backbone, bank) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.post("/v1/classify", json={"prompt": "cb", "inputs": [one]}).status_code == 200
+        assert c.post("/v1/classify", json={"prompt": "copa", "inputs": [one] * 3}).status_code == 200
+        assert c.post("/v1/classify", json={"prompt": "nope", "inputs": [one]}).status_code == 404
+        assert c.post("/v1/classify", json={"prompt": "cb", "inputs": []}).status_code == 422
+        assert c.get("/health").status_code == 200
+        assert c.get("/nowhere").status_code == 404
+        counts = samples(c.get("/metrics").text)
+    assert counts['softprompt_requests_total{endpoint="/v1/classify",status="200"}'] == 2
+    assert counts['softprompt_requests_total{endpoint="/v1/classify",status="404"}'] == 1
+    assert counts['softprompt_requests_total{endpoint="/v1/classify",status="422"}'] == 1
+    assert counts['softprompt_requests_total{endpoint="/health",status="200"}'] == 1
+    assert counts['softprompt_requests_total{endpoint="other",status="404"}'] == 1
+    assert 'softprompt_requests_total{endpoint="/metrics",status="200"}' not in counts  # counted once answered
+    assert counts['softprompt_errors_total{endpoint="/v1/classify",type="unknown_prompt"}'] == 1
+    assert counts['softprompt_errors_total{endpoint="/v1/classify",type="invalid_request_error"}'] == 1
+    assert counts['softprompt_errors_total{endpoint="other",type="http_error"}'] == 1
+    assert counts["softprompt_batch_rows_count"] == 2 and counts["softprompt_batch_rows_sum"] == 1 + 3  # one batch each
+    assert counts["softprompt_queue_wait_seconds_count"] == 2
+    assert counts['softprompt_request_latency_seconds_count{endpoint="/v1/classify"}'] == 4
+    assert counts["softprompt_jobs_in_flight"] == 0
 
 
 def test_bank_refuses_pickles_altered_files_and_duplicate_names(backbone, sources, tmp_path):
