@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import softprompt.core.forward as forward
+from softprompt.backbones.loading import load_backbone
 from softprompt.cli import app
 from softprompt.eval.generation import cut_at_stop, exact_match, generation_metrics, normalize_answer, token_f1
 from softprompt.tasks.superglue import Example, get_task, load_examples
 from softprompt.train.loop import TrainConfig, train
-
-HAS_GENERATE = hasattr(forward, "generate")  # core.forward.generate comes with the forward branch's "Forward API"
+from test_evaluate import full_logits
 
 QA_YAML = """\
 task: capitals
@@ -66,17 +65,31 @@ def test_a_generation_task_is_target_tokens_and_trains(tiny_backbone, tmp_path):
     assert record["val"]["n"] == 12 and "exact_match" in record["val"]
 
 
-@pytest.mark.skipif(not HAS_GENERATE, reason="needs core.forward.generate (branch forward, 'Forward API')")
-def test_generate_prints_text(tiny_model_dir, tmp_path):
+def greedy_text(backbone, text: str, max_new_tokens: int, until: tuple[str, ...]) -> str:
+    """Greedy decoding by full forwards, one token at a time (no cache), cut at `until` and stripped."""
+    ids = backbone.tokenizer(text)["input_ids"]
+    new = []
+    for _ in range(max_new_tokens):
+        new.append(int(full_logits(backbone.model, None, ids + new)[-1].argmax()))
+        if new[-1] == backbone.tokenizer.eos_token_id:
+            break
+    decoded = backbone.tokenizer.decode(new, skip_special_tokens=True)
+    return min((decoded[: decoded.find(s)] for s in until if s in decoded), key=len, default=decoded).strip()
+
+
+def test_generate_prints_the_greedy_continuation(tiny_model_dir, tmp_path):
+    backbone = load_backbone(str(tiny_model_dir), "cpu")
+    texts = ["Hello", "The capital of France is"]
     runner = CliRunner()
     result = runner.invoke(app, ["generate", "--no-prompt", "--model", str(tiny_model_dir), "--device", "cpu",
-                                 "--max-new-tokens", "3", "--text", "Hello", "--text", "The capital of France is"])
+                                 "--max-new-tokens", "3", "--text", texts[0], "--text", texts[1]])
     assert result.exit_code == 0, result.output
-    assert len(result.output.strip().splitlines()) >= 1
+    assert result.stdout == "".join(greedy_text(backbone, t, 3, ("\n\n",)) + "\n" for t in texts)
     result = runner.invoke(app, ["generate", "--no-prompt", "--model", str(tiny_model_dir), "--device", "cpu",
                                  "--task", str(write_qa(tmp_path)), "--limit", "2"])
     assert result.exit_code == 0, result.output
-    assert "[0] 'Q: What is the capital of France?\\nA:'" in result.output and "(target 'Paris')" in result.output
+    written = greedy_text(backbone, "Q: What is the capital of France?\nA:", 4, ("\n",))  # the task's max_gen_toks, until
+    assert result.stdout.splitlines()[:2] == ["[0] 'Q: What is the capital of France?\\nA:'", f"  -> {written!r}  (target 'Paris')"]
 
 
 def test_generate_needs_one_source():
