@@ -1,4 +1,4 @@
-"""`softprompt serve` under load (a bounded soak at concurrency 64) and SIGTERM (drain, then exit 0)."""
+"""`softprompt serve` under load (a bounded soak at concurrency 64), SIGTERM (drain, then exit 0), and as a real process with a key and limits."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -109,11 +111,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tmp_path):
-    sources = write_sources(tmp_path)
+@contextmanager
+def serve_process(model_dir: Path, prompt: str, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`python -m softprompt.cli serve` on 127.0.0.1 and a free port, once /health answers: (process, url).
+
+    Killed on exit if still running.
+    """
     port = free_port()
-    command = [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tiny_model_dir), "--device", "cpu",
-               "--prompt", f"cb={sources['cb']}", "--port", str(port), "--max-wait-ms", "2000"]
+    command = [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(model_dir), "--device", "cpu",
+               "--prompt", prompt, "--port", str(port), *flags]
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -128,6 +134,16 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tmp_path
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tmp_path):
+    sources = write_sources(tmp_path)
+    with serve_process(tiny_model_dir, f"cb={sources['cb']}", "--max-wait-ms", "2000") as (process, url):
         result = {}
         body = {"prompt": "cb", "inputs": [{"premise": "It rained.", "hypothesis": "It is wet"}]}
         request = threading.Thread(target=lambda: result.update(r=httpx.post(f"{url}/v1/classify", json=body, timeout=60)))
@@ -136,9 +152,6 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tmp_path
         process.send_signal(signal.SIGTERM)
         request.join(timeout=60)
         code = process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
     stderr = process.stderr.read()
     assert result["r"].status_code == 200, result["r"].text
     assert result["r"].json()["results"][0]["label"] in ("entailment", "contradiction", "neutral")
@@ -146,3 +159,33 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tmp_path
     assert "drained; exiting" in stderr
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def test_serve_process_with_key_and_limits_answers_401_200_413_and_503(tiny_model_dir, tmp_path):
+    """The README's hardened command: --api-key-file --too-long reject --max-body-bytes --max-inputs --max-queue."""
+    sources = write_sources(tmp_path)
+    (tmp_path / "key").write_text("s3cret\n")
+    flags = ["--api-key-file", str(tmp_path / "key"), "--too-long", "reject", "--max-length", "32",
+             "--max-body-bytes", "4000", "--max-inputs", "2", "--max-queue", "1"]
+    one = {"premise": "It rained all day.", "hypothesis": "The ground is wet"}
+    with serve_process(tiny_model_dir, f"cb={sources['cb']}", *flags) as (process, url):
+        with httpx.Client(base_url=url, timeout=60) as keyless, \
+                httpx.Client(base_url=url, timeout=60, headers={"Authorization": "Bearer s3cret"}) as client:
+            assert keyless.get("/health").status_code == 200
+            refused = keyless.post("/v1/classify", json={"prompt": "cb", "inputs": [one]})
+            answered = client.post("/v1/classify", json={"prompt": "cb", "inputs": [one]})
+            too_big = client.post("/v1/classify", json={"prompt": "cb", "inputs": [{"text": "x" * 5000, "choices": [" a"]}]})
+            too_long = client.post("/v1/classify", json={"prompt": "cb", "inputs": [{"text": "word " * 40, "choices": [" a"]}]})
+            too_many = client.post("/v1/classify", json={"prompt": "cb", "inputs": [one] * 3})
+            over_queue = client.post("/v1/completions", json={"model": "cb", "prompt": ["a", "b"], "max_tokens": 1})
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+    assert refused.status_code == 401 and refused.json()["error"]["field"] == "Authorization"
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["results"][0]["label"] in ("entailment", "contradiction", "neutral")
+    assert too_big.status_code == 413 and "over 4000 bytes" in too_big.json()["error"]["message"]
+    assert too_long.status_code == 413 and too_long.json()["error"]["type"] == "input_too_long"
+    assert "over the limit of 32" in too_long.json()["error"]["message"]
+    assert too_many.status_code == 413 and too_many.json()["error"]["field"] == "inputs"
+    assert "the limit is 2" in too_many.json()["error"]["message"]
+    assert over_queue.status_code == 503 and over_queue.headers["Retry-After"] == "1"  # 2 jobs, --max-queue 1
