@@ -11,11 +11,13 @@ from softprompt.analysis.elicit import (
     FRAMES,
     description_faithfulness,
     elicit,
+    elicit_over_training,
     format_elicitations,
     frame_embeddings,
     split_frame,
     word_overlap,
 )
+from softprompt.analysis.drift import Snapshot
 from softprompt.analysis.reading import hard_prompt_accuracy
 from softprompt.core.forward import generate
 from softprompt.core.prompt import embed_ids, embed_text
@@ -79,6 +81,16 @@ def test_elicitation_prints_text_and_is_deterministic(tiny_backbone, capsys):
     assert elicit(tiny_backbone, prompt, max_new_tokens=6) == first
     other = elicit(tiny_backbone, prompt * -3, max_new_tokens=6)
     assert other != first  # the description depends on the prompt's rows
+
+
+def test_elicit_over_training_follows_the_snapshots_in_step_order(tiny_backbone):
+    prompts = [torch.randn(3, tiny_backbone.hidden_size, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    snapshots = [Snapshot(2, 40, prompts[1]), Snapshot(0, 0, prompts[0])]
+    history = elicit_over_training(tiny_backbone, snapshots, FRAMES[:2], max_new_tokens=4)
+    assert [(h["epoch"], h["step"]) for h in history] == [(0, 0), (2, 40)]
+    assert history[1]["descriptions"] == [e.text for e in elicit(tiny_backbone, prompts[1], FRAMES[:2], 4)]
+    with pytest.raises(ValueError, match="has 0 \\{prompt\\} placeholders"):
+        elicit_over_training(tiny_backbone, snapshots, ("no placeholder:",))
 
 
 def test_word_overlap():

@@ -13,6 +13,7 @@ from softprompt.analysis.rows import (
     ablated_prompts,
     gold_loglik,
     importance_vector,
+    init_embeddings,
     persisted_vs_drifted,
     rank_rows,
     row_importance,
@@ -75,6 +76,12 @@ def test_the_one_trained_row_is_the_most_important(tiny_backbone, items):
     expected = ablation.loglik - float(gold_loglik(score(tiny_backbone, alone, items))[0])
     assert mean_rows[4].loglik_drop == pytest.approx(expected, abs=1e-5)  # the batched ablation = scoring it alone
     assert importance_vector(ablation, Replacement.INIT).argmax() == 2
+
+
+def test_init_embeddings_embed_the_run_init_ids(tiny_backbone):
+    model = tiny_backbone.model
+    assert torch.equal(init_embeddings(model, [5, 7, 5]), model.get_input_embeddings()(torch.tensor([5, 7, 5])))
+    assert init_embeddings(model, None) is None
 
 
 def test_random_init_gets_only_the_mean_replacement(tiny_backbone, items):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from softprompt.analysis.drift import Snapshot
 from softprompt.analysis.reading import hard_prompt_accuracy
 from softprompt.backbones.loading import Backbone
 from softprompt.core.forward import generate, prompt_keys_values
@@ -105,6 +106,22 @@ def elicit(backbone: Backbone, prompt: Tensor, frames: tuple[str, ...] = FRAMES,
         [(ids, _)] = generate(backbone.model, cache, [suffix_ids], max_new_tokens, eos_token_id=tokenizer.eos_token_id)
         out.append(Elicitation(frame, tokenizer.decode(ids, skip_special_tokens=True), tuple(ids)))
     return out
+
+
+def elicit_over_training(
+    backbone: Backbone, snapshots: list[Snapshot], frames: tuple[str, ...] = FRAMES, max_new_tokens: int = MAX_NEW_TOKENS
+) -> list[dict]:
+    """`elicit` for each saved snapshot (`--snapshot-every`), sorted by step: `epoch`, `step`, `descriptions`.
+
+    Raises:
+        ValueError: a malformed frame, before any snapshot is read out.
+    """
+    for frame in frames:
+        split_frame(frame)
+    return [
+        {"epoch": s.epoch, "step": s.step, "descriptions": [e.text for e in elicit(backbone, s.prompt, frames, max_new_tokens)]}
+        for s in sorted(snapshots, key=lambda s: s.step)
+    ]
 
 
 def word_overlap(description: str, reference: str) -> float:

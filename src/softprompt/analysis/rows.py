@@ -26,6 +26,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from softprompt.backbones.loading import Backbone
+from softprompt.core.prompt import embed_ids
 from softprompt.data.batch import Encoded
 from softprompt.eval.scoring import Scores, score
 
@@ -62,6 +63,12 @@ def vocab_mean_embedding(model: PreTrainedModel, chunk_size: int = 16384) -> Ten
         ids = torch.arange(start, min(start + chunk_size, embedding.num_embeddings), device=embedding.weight.device)
         total += embedding(ids).double().sum(0).cpu()
     return (total / embedding.num_embeddings).float()
+
+
+def init_embeddings(model: PreTrainedModel, init_ids: list[int] | None) -> Tensor | None:
+    """The init replacement `[P, H]`: each row's init token embedded (run.json's `init_ids`, see
+    `interpret.run_init_ids`), or None for an init with no tokens (random)."""
+    return None if init_ids is None else embed_ids(model, init_ids)
 
 
 def ablated_prompts(prompt: Tensor, replacement: Tensor) -> Tensor:
