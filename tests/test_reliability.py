@@ -283,6 +283,7 @@ def test_disk_full_names_the_path_and_keeps_the_old_file(prompt_file, monkeypatc
     assert [p.name for p in prompt_file.parent.iterdir()] == [PROMPT_FILE]  # no temp file left behind
 
 
+@pytest.mark.may_skip
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the injected failures above cover it")
 def test_read_only_folder_names_the_path(prompt_file):
     before = prompt_file.read_bytes()
