@@ -37,12 +37,11 @@ from softprompt.io.runs import (
 from softprompt.train.loop import TrainConfig, TrainingDiverged, train
 
 from conftest import FIXTURE_DATA
+from tiny_train import fail_at_loss_step, tiny_config
 
 
 def small_config(**overrides) -> TrainConfig:
-    fields = dict(task="cb", model="unused", min_dev_examples=4, batch_size=4, epochs=2, num_tokens=4, max_length=64,
-                  lr=0.3, device="cpu", checkpoint_every=2)
-    return TrainConfig(**{**fields, **overrides})
+    return tiny_config(**{"model": "unused", "epochs": 2, "checkpoint_every": 2, **overrides})
 
 
 def run_train(backbone, out: Path, **overrides) -> dict:
@@ -163,16 +162,7 @@ def test_resume_refuses_a_pickled_checkpoint(tmp_path, tiny_backbone, monkeypatc
 
 
 def crash_after_forward(monkeypatch, n: int, exc: BaseException = KeyboardInterrupt()) -> None:
-    calls = {"n": 0}
-    real = train_module.loss_step
-
-    def loss_step(*args):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise exc
-        return real(*args)
-
-    monkeypatch.setattr(train_module, "loss_step", loss_step)
+    fail_at_loss_step(monkeypatch, n, exc)
 
 
 def test_a_half_written_run_is_not_done_and_is_refused(tmp_path, tiny_backbone, monkeypatch):
