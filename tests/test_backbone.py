@@ -19,11 +19,9 @@ from softprompt.backbones.loading import (
     cache_root,
     load_backbone,
     load_tokenizer,
-    model_from_config,
     preset_gguf_path,
     resolve_device,
 )
-from conftest import ARCHITECTURES, TINY_CONFIGS
 
 
 def test_local_folder_loads_frozen_with_the_saved_weights(tiny_model_dir):
@@ -43,14 +41,6 @@ def test_local_folder_loads_frozen_with_the_saved_weights(tiny_model_dir):
 def test_tokenizer_from_a_local_folder(tiny_model_dir, tokenizer):
     text = "Question: the cat was well. True, False, or Neither?"
     assert load_tokenizer(str(tiny_model_dir))(text)["input_ids"] == tokenizer(text)["input_ids"]
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCHITECTURES)
-def test_model_from_config_is_frozen(arch, tokenizer):
-    backbone = model_from_config(TINY_CONFIGS[arch], tokenizer)
-    assert not any(p.requires_grad for p in backbone.model.parameters())
-    assert not backbone.model.training
-    assert backbone.name == f"random-{backbone.model.config.model_type}"
 
 
 def test_unknown_model_lists_presets():
@@ -81,14 +71,16 @@ def test_the_default_preset_file_is_installed_and_its_quantisation_read_from_its
     assert facts["gguf_sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest() and facts["gguf_size"] == gguf.stat().st_size
 
 
-def test_resolve_device():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@pytest.mark.parametrize(("has_cuda", "expected"), [(True, "cuda"), (False, "cpu")], ids=["cuda", "no-cuda"])
+def test_auto_device_is_cuda_only_where_torch_sees_a_gpu(has_cuda, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+    assert resolve_device("auto") == torch.device(expected)
+    assert resolve_device("cpu") == torch.device("cpu")  # an explicit device is taken as given
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
-def test_cuda_without_cuda(device):
+def test_cuda_without_cuda(device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
     with pytest.raises(ValueError, match=rf"--device '{device}' asked for CUDA, but torch sees no CUDA GPU; use --device cpu"):
         resolve_device(device)
 

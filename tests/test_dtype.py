@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import FIXTURE_DATA, TINY_CONFIGS
+from tiny_train import tiny_config
 from softprompt.backbones.loading import model_from_config, resolve_dtype
 from softprompt.core.forward import logits_at
 from softprompt.data.batch import encode
@@ -70,9 +71,7 @@ def test_bf16_gradient_reaches_the_fp32_prompt(tokenizer):
 
 
 def _config(tiny_model_dir, **overrides) -> TrainConfig:
-    fields = dict(task="cb", model=str(tiny_model_dir), min_dev_examples=4, batch_size=4, epochs=1, patience=5, num_tokens=4,
-                  max_length=64, lr=0.3, device="cpu", max_steps=2, checkpoint_every=1)
-    return TrainConfig(**{**fields, **overrides})
+    return tiny_config(**{"model": str(tiny_model_dir), "epochs": 1, "patience": 5, "max_steps": 2, "checkpoint_every": 1, **overrides})
 
 
 def test_bf16_training_records_the_dtype_and_keeps_the_prompt_fp32(tiny_model_dir, tmp_path):

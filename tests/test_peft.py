@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import json
+import os
+import warnings
 
 import pytest
 import torch
 from click.testing import CliRunner
 from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from softprompt.data.batch import encode
 from softprompt.cli import app
-from softprompt.io.peft import ADAPTER_CONFIG, ADAPTER_KEY, ADAPTER_WEIGHTS, export_peft, import_peft
+from softprompt.io.peft import ADAPTER_CONFIG, ADAPTER_KEY, ADAPTER_WEIGHTS, SOFTPROMPT_MODEL_FIELD, export_peft, import_peft
 from softprompt.core.forward import logits_at
 from softprompt.io.runs import PROMPT_FILE, PromptFileError, load_prompt, save_prompt
 from softprompt.io.sources import load_prompt_source
 from softprompt.tasks.superglue import get_task, load_examples
 
 NUM_TOKENS = 4
+# PEFT warns about every adapter_config.json key it does not know ("Unexpected keyword arguments
+# ['softprompt_model'] ... upgrade PEFT"): our adapters must load without a word.
+pytestmark = pytest.mark.filterwarnings("error:Unexpected keyword arguments")
+
+
+def weights_header(adapter_dir) -> dict[str, str]:
+    with safe_open(adapter_dir / ADAPTER_WEIGHTS, framework="pt") as f:
+        return f.metadata()
 
 
 def _rows(backbone, data_dir, n: int = 3) -> list[list[int]]:
@@ -48,8 +59,13 @@ def test_exported_prompt_loads_in_peft(tiny_backbone, data_dir, tmp_path):
     assert config["peft_type"] == "PROMPT_TUNING" and config["task_type"] == "CAUSAL_LM"
     assert (config["num_virtual_tokens"], config["token_dim"], config["num_transformer_submodules"]) == (NUM_TOKENS, 16, 1)
     assert config["prompt_tuning_init"] == "TEXT" and config["prompt_tuning_init_text"] == get_task("rte").init_text
+    assert SOFTPROMPT_MODEL_FIELD not in config  # softprompt's own field is in the weights' header
+    assert weights_header(tmp_path / "adapter") == {"format": "pt", SOFTPROMPT_MODEL_FIELD: "random-llama"}
 
-    peft_model = PeftModel.from_pretrained(tiny_backbone.model, tmp_path / "adapter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(tiny_backbone.model, tmp_path / "adapter")
+    assert [str(w.message) for w in caught if f"{os.sep}peft{os.sep}" in w.filename] == []  # not a word from PEFT
     _assert_same_logits(tiny_backbone, peft_model, prompt, _rows(tiny_backbone, data_dir))
 
 
@@ -108,8 +124,21 @@ def test_export_names_the_hub_model_and_keeps_the_preset_name(tmp_path):
     config = export_peft(tmp_path / "run", tmp_path / "adapter")
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert config["tokenizer_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # PEFT's TEXT init loads it
-    assert config["softprompt_model"] == "smollm2-135m-instruct"
+    assert SOFTPROMPT_MODEL_FIELD not in config and weights_header(tmp_path / "adapter")[SOFTPROMPT_MODEL_FIELD] == "smollm2-135m-instruct"
     assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text()) == config
     loaded = load_prompt_source(tmp_path / "adapter")
     assert loaded.model == "smollm2-135m-instruct"  # evaluate --prompt ADAPTER picks the preset, not the hub id
     assert PromptTuningConfig.from_pretrained(tmp_path / "adapter").base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_an_adapter_exported_with_the_model_in_its_config_still_reads(tmp_path):
+    """Exports before the header kept softprompt_model in adapter_config.json (and no header field)."""
+    save_prompt(tmp_path / "run" / PROMPT_FILE, torch.randn(NUM_TOKENS, 576), {"model": "smollm2-135m-instruct"})
+    config = export_peft(tmp_path / "run", tmp_path / "adapter")
+    prompt = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)[ADAPTER_KEY]
+    save_file({ADAPTER_KEY: prompt}, tmp_path / "adapter" / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (tmp_path / "adapter" / ADAPTER_CONFIG).write_text(json.dumps({**config, SOFTPROMPT_MODEL_FIELD: "smollm2-135m-instruct"}))
+    loaded = load_prompt_source(tmp_path / "adapter")
+    assert loaded.model == "smollm2-135m-instruct" and torch.equal(loaded.prompt, prompt)
+    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['softprompt_model'\]"):
+        PromptTuningConfig.from_pretrained(tmp_path / "adapter")  # what the old layout cost: PEFT's warning

@@ -73,8 +73,16 @@ def test_vocab_sample_is_seeded():
 
 def test_vocab_sample_larger_than_table_repeats_rows():
     prompt = from_sample_of_embeddings(numbered_rows(3), 8, torch.Generator().manual_seed(0))
-    assert prompt.shape == (8, 3)
-    assert set(row_ids(prompt)) <= {0, 1, 2}
+    ids = row_ids(prompt)
+    assert prompt.shape == (8, 3) and torch.equal(prompt, numbered_rows(3)[ids])  # whole table rows
+    assert max(ids.count(i) for i in set(ids)) >= 3  # 8 rows from 3: some row comes back at least 3 times
+
+
+def test_vocab_sample_with_repeats_draws_every_row_evenly():
+    # 400 draws from 2 rows: about 200 each (binomial sd 10), not one row tiled or the rows in turn.
+    ids = row_ids(from_sample_of_embeddings(numbered_rows(2), 400, torch.Generator().manual_seed(0)))
+    assert 160 < ids.count(0) < 240 and ids.count(0) + ids.count(1) == 400
+    assert ids[:8] != [0, 1] * 4 and len(set(ids[:8])) == 2
 
 
 def test_class_label_init_puts_label_rows_first():
@@ -157,7 +165,10 @@ def rows_are_common_tokens(prompt: torch.Tensor, backbone) -> bool:
 def test_initial_prompt_random(tiny_backbone):
     prompt = initial_prompt(tiny_backbone, TASKS["cb"], config(InitMethod.RANDOM, 5), torch.Generator().manual_seed(0))
     assert prompt.shape == (5, tiny_backbone.hidden_size)
-    assert prompt.abs().max() <= 0.5
+    # torch.rand with seed 0 starts 0.4963, 0.7682, 0.0885, 0.1320; uniform in [-0.5, 0.5] is that minus 0.5.
+    torch.testing.assert_close(prompt[0, :4], torch.tensor([-0.0037, 0.2682, -0.4115, -0.3680]), atol=1e-4, rtol=0)
+    # and the spread of U[-0.5, 0.5] (sd 0.5 / sqrt(3) = 0.289) over all 80 values, not a narrower range
+    assert prompt.abs().max() <= 0.5 and prompt.std().item() == pytest.approx(0.289, abs=0.05)
 
 
 # ---- logits_at against the full Hugging Face forward -------------------------------------------------

@@ -23,11 +23,9 @@ from softprompt.cli import app
 from softprompt.io.runs import (
     CHECKPOINT_FILE,
     PROMPT_FILE,
-    RUN_FILE,
     CheckpointError,
     PromptFileError,
     RunNotFinished,
-    atomic_write_json,
     is_done,
     load_checkpoint,
     load_finished_run,
@@ -39,12 +37,11 @@ from softprompt.io.runs import (
 from softprompt.train.loop import TrainConfig, TrainingDiverged, train
 
 from conftest import FIXTURE_DATA
+from tiny_train import fail_at_loss_step, tiny_config
 
 
 def small_config(**overrides) -> TrainConfig:
-    fields = dict(task="cb", model="unused", min_dev_examples=4, batch_size=4, epochs=2, num_tokens=4, max_length=64,
-                  lr=0.3, device="cpu", checkpoint_every=2)
-    return TrainConfig(**{**fields, **overrides})
+    return tiny_config(**{"model": "unused", "epochs": 2, "checkpoint_every": 2, **overrides})
 
 
 def run_train(backbone, out: Path, **overrides) -> dict:
@@ -134,7 +131,7 @@ class Boobytrap:
         return (Path.touch, (self.marker,))
 
 
-@pytest.mark.parametrize("name", ["prompt.safetensors", "prompt.bin", "prompt.pt", "adapter_model.safetensors"])
+@pytest.mark.parametrize("name", ["prompt.safetensors", "prompt.bin", "prompt.pt", "prompt.pkl", "adapter_model.safetensors"])
 @pytest.mark.parametrize("writer", ["torch.save", "pickle-2", "pickle-5"])
 def test_pickle_files_are_refused_and_never_unpickled(tmp_path, name, writer):
     marker = tmp_path / "unpickled"
@@ -165,16 +162,7 @@ def test_resume_refuses_a_pickled_checkpoint(tmp_path, tiny_backbone, monkeypatc
 
 
 def crash_after_forward(monkeypatch, n: int, exc: BaseException = KeyboardInterrupt()) -> None:
-    calls = {"n": 0}
-    real = train_module.loss_step
-
-    def loss_step(*args):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise exc
-        return real(*args)
-
-    monkeypatch.setattr(train_module, "loss_step", loss_step)
+    fail_at_loss_step(monkeypatch, n, exc)
 
 
 def test_a_half_written_run_is_not_done_and_is_refused(tmp_path, tiny_backbone, monkeypatch):
@@ -189,16 +177,6 @@ def test_a_half_written_run_is_not_done_and_is_refused(tmp_path, tiny_backbone, 
     result = CliRunner().invoke(app, ["evaluate", "--task", "cb", "--prompt", str(out)])
     assert result.exit_code == 2 and "is not a finished run" in result.output
     load_prompt(out / PROMPT_FILE)  # the file itself is still there for whoever asks for it by name
-
-
-def test_is_done_is_false_for_damaged_run_folders(tmp_path):
-    assert not is_done(tmp_path)  # no run.json
-    atomic_write_json(tmp_path / RUN_FILE, {"status": "done"})
-    assert not is_done(tmp_path)  # no prompt
-    save_prompt(tmp_path / PROMPT_FILE, torch.ones(2, 3))
-    assert is_done(tmp_path)
-    (tmp_path / RUN_FILE).write_text('{"status": "do')  # truncated by hand
-    assert not is_done(tmp_path)
 
 
 # ---- numerical faults ----
@@ -295,6 +273,7 @@ def test_disk_full_names_the_path_and_keeps_the_old_file(prompt_file, monkeypatc
     assert [p.name for p in prompt_file.parent.iterdir()] == [PROMPT_FILE]  # no temp file left behind
 
 
+@pytest.mark.may_skip
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the injected failures above cover it")
 def test_read_only_folder_names_the_path(prompt_file):
     before = prompt_file.read_bytes()

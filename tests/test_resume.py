@@ -26,6 +26,7 @@ from softprompt.io.runs import CHECKPOINT_FILE, PROMPT_FILE, RUN_FILE, Checkpoin
 from softprompt.train.loop import TrainConfig, train
 
 from conftest import FIXTURE_DATA
+from tiny_train import fail_at_loss_step, tiny_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 STEPS_PER_EPOCH = 5
@@ -43,9 +44,7 @@ def cli_args(tiny_model_dir: Path, **overrides) -> list[str]:
 
 
 def config_for(tiny_model_dir: Path, **overrides) -> TrainConfig:
-    fields = dict(task="cb", model=str(tiny_model_dir), min_dev_examples=4, batch_size=4, epochs=3, patience=5, num_tokens=4,
-                  max_length=64, lr=0.3, device="cpu", checkpoint_every=1)
-    return TrainConfig(**{**fields, **overrides})
+    return tiny_config(**{"model": str(tiny_model_dir), "epochs": 3, "patience": 5, "checkpoint_every": 1, **overrides})
 
 
 def run_cli(*args: str):
@@ -119,16 +118,7 @@ class Crash(Exception):
 
 
 def crash_on_forward(monkeypatch, n: int) -> None:
-    calls = {"n": 0}
-    real = train_module.loss_step
-
-    def loss_step(*args):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise Crash(f"crash at forward {n}")
-        return real(*args)
-
-    monkeypatch.setattr(train_module, "loss_step", loss_step)
+    fail_at_loss_step(monkeypatch, n, Crash(f"crash at forward {n}"))
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2], ids=["accum1", "accum2"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import pytest
 import torch
@@ -52,39 +51,10 @@ def test_hidden_size_mismatch_names_both_sizes(saved):
         load_prompt(path, hidden_size=576)
 
 
-def test_tampered_bytes_fail_the_checksum(saved):
-    path, _ = saved
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01  # the last byte of the last value
-    path.write_bytes(bytes(data))
-    with pytest.raises(PromptFileError, match="checksum mismatch, the file was altered or damaged"):
-        load_prompt(path)
-
-
-def test_truncated_file(saved):
-    path, _ = saved
-    path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(PromptFileError, match=r"not a readable safetensors file \(truncated or corrupt\?\)"):
-        load_prompt(path)
-
-
 def test_garbage_file(tmp_path):
     path = tmp_path / PROMPT_FILE
     path.write_bytes(b"\x00" * 3)
     with pytest.raises(PromptFileError, match="not a readable safetensors file"):
-        load_prompt(path)
-
-
-def test_missing_file(tmp_path):
-    with pytest.raises(PromptFileError, match=r"prompt file not found: .*prompt\.safetensors"):
-        load_prompt(tmp_path)
-
-
-@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pkl"])
-def test_pickle_files_are_refused_before_reading(tmp_path, suffix):
-    path = tmp_path / f"prompt{suffix}"
-    torch.save(torch.zeros(2, 2), path)
-    with pytest.raises(PromptFileError, match=rf"prompt{re.escape(suffix)}: refusing a pickle-based file"):
         load_prompt(path)
 
 
@@ -107,7 +77,7 @@ def test_file_without_prompt_tensor(tmp_path):
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
     path = tmp_path / "run.json"
     atomic_write_json(path, {"status": "done"})
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="Object of type object is not JSON serializable"):
         atomic_write_json(path, {"status": object()})  # not JSON-serializable: fails before any byte is written
     assert json.loads(path.read_text()) == {"status": "done"}
     blocked = tmp_path / "a-file"
@@ -144,5 +114,7 @@ def test_read_run_and_is_done(tmp_path):
     assert not is_done(tmp_path)  # no prompt file yet
     save_prompt(tmp_path / PROMPT_FILE, torch.zeros(1, 2))
     assert is_done(tmp_path)
+    (tmp_path / RUN_FILE).write_text('{"status": "do')  # truncated by hand
+    assert not is_done(tmp_path)
     atomic_write_json(tmp_path / RUN_FILE, {"status": "diverged"})
     assert not is_done(tmp_path)

@@ -25,16 +25,8 @@ from click.testing import CliRunner
 from softprompt.cli import app
 from softprompt.io.locks import RunLock, RunLocked, lock_holder
 from softprompt.io.runs import CHECKPOINT_FILE, PROMPT_FILE, is_done, load_checkpoint, load_prompt, read_run
-from softprompt.study.executors import (
-    MEMORY_PER_WORKER_BYTES,
-    THREADS_PER_AUTO_WORKER,
-    ExecutorConfig,
-    RunJob,
-    RunOutcome,
-    check_runs_visible,
-    cpu_count,
-    memory_bytes,
-)
+import softprompt.study.executors as executors
+from softprompt.study.executors import ExecutorConfig, RunJob, RunOutcome, check_runs_visible
 from softprompt.study.pipeline import StudyConfig, run_study
 
 from conftest import FIXTURE_DATA
@@ -260,19 +252,44 @@ def test_executor_config_errors_name_the_flag(fields, message):
         ExecutorConfig(**fields)
 
 
-def test_auto_workers_give_each_run_the_measured_share_of_cores():
-    per_run = THREADS_PER_AUTO_WORKER
-    cores, room = cpu_count(), memory_bytes() // MEMORY_PER_WORKER_BYTES
-    assert ExecutorConfig().num_workers(100, "cpu") == max(1, min(100, cores // per_run, room))
+GiB = 1024**3
+
+
+def machine(monkeypatch, cores: int, memory_gib: float, device: str = "cpu") -> None:
+    """Pretend the executor runs on `cores` cores with `memory_gib` of memory and `device` (2 cores and
+    2 GiB per auto worker)."""
+    monkeypatch.setattr(executors, "cpu_count", lambda: cores)
+    monkeypatch.setattr(executors, "memory_bytes", lambda: int(memory_gib * GiB))
+    monkeypatch.setattr(executors, "resolve_device", lambda _: torch.device(device))
+
+
+def test_auto_workers_give_each_run_the_measured_share_of_cores(monkeypatch):
+    machine(monkeypatch, cores=16, memory_gib=64)  # room for 8 workers of 2 cores, 32 of 2 GiB
+    assert ExecutorConfig().num_workers(100, "cpu") == 8
     assert ExecutorConfig().num_workers(1, "cpu") == 1  # never more workers than runs
-    assert ExecutorConfig(cpus_per_run=cores).num_workers(8, "cpu") == 1
-    assert ExecutorConfig(cpus_per_run=1).num_workers(100, "cpu") == max(1, min(100, cores, room))
+    assert ExecutorConfig(cpus_per_run=16).num_workers(8, "cpu") == 1
+    assert ExecutorConfig(cpus_per_run=1).num_workers(100, "cpu") == 16
     assert ExecutorConfig(workers="3").num_workers(8, "cpu") == 3
     assert ExecutorConfig(executor="ray").num_workers(40, "cpu") == 40  # Ray schedules them by their resources
-    assert ExecutorConfig(executor="ray").threads_per_run(40) == per_run
+    assert ExecutorConfig(executor="ray").threads_per_run(40) == 2
+    assert ExecutorConfig(executor="ray", workers="4").threads_per_run(4) == 4  # 16 cores over 4 workers
     assert ExecutorConfig().threads_per_run(1) is None  # one local worker keeps torch's own thread count
-    assert ExecutorConfig().threads_per_run(2) == max(1, cores // 2)
+    assert ExecutorConfig().threads_per_run(2) == 8
+    assert ExecutorConfig().threads_per_run(3) == 5  # 16 // 3: never more threads than cores
     assert ExecutorConfig(cpus_per_run=2).threads_per_run(4) == 2
+
+
+def test_auto_workers_are_bounded_by_memory_and_never_zero(monkeypatch):
+    machine(monkeypatch, cores=16, memory_gib=5)  # 8 workers by cores, but 2 GiB each fits only 2
+    assert ExecutorConfig().num_workers(100, "cpu") == 2
+    machine(monkeypatch, cores=1, memory_gib=1)  # not even one worker's share: still one worker
+    assert ExecutorConfig().num_workers(100, "cpu") == 1
+    assert ExecutorConfig().threads_per_run(4) == 1
+
+
+def test_auto_workers_on_a_gpu_are_one(monkeypatch):
+    machine(monkeypatch, cores=16, memory_gib=64, device="cuda")  # one process owns the GPU
+    assert ExecutorConfig().num_workers(100, "cuda") == 1
 
 
 def test_study_command_reports_missing_ray(tiny_model_dir, tmp_path, monkeypatch):

@@ -30,10 +30,29 @@ def test_interval_of_half_correct_matches_the_normal_approximation():
 
 
 def test_interval_over_seeds_is_the_seeds_mean():
-    correct = np.array([[1, 1, 0, 0, 1, 0, 1, 1], [1, 0, 0, 1, 1, 1, 1, 0]], dtype=bool)  # 62.5% and 62.5%
+    # seed 0 scores 6/8 (75%), seed 1 scores 3/8 (37.5%): their mean is 56.25%, neither seed's score.
+    correct = np.array([[1, 1, 1, 1, 1, 1, 0, 0], [1, 0, 0, 1, 0, 0, 0, 1]], dtype=bool)
     interval = accuracy_interval(correct)
-    assert interval.estimate == 62.5 and interval.n == 8
-    assert interval.low < 62.5 < interval.high
+    assert interval.estimate == 56.25 and interval.n == 8  # n counts examples, not seeds x examples
+    assert interval.low < 56.25 < interval.high
+
+
+def test_seeds_that_disagree_on_every_example_have_a_point_interval():
+    # seed 0 right on 3 of 4 (75%), seed 1 on the other one (25%): every example's seed mean is 0.5, so
+    # resampling examples jointly for both seeds cannot move the mean; resampling seeds apart would.
+    correct = np.array([np.tile([1, 1, 1, 0], 25), np.tile([0, 0, 0, 1], 25)], dtype=bool)
+    interval = accuracy_interval(correct)
+    assert (interval.estimate, interval.low, interval.high, interval.n) == (50.0, 50.0, 50.0, 100)
+
+
+def test_interval_over_seeds_has_the_standard_error_of_the_per_example_means():
+    # per-example seed means [1, .5, 0, 0] x 100: mean .375, sd sqrt(.3125 - .375**2) = .4146, so the
+    # standard error over 400 examples is 2.07 points (800 pooled 0/1 outcomes would give 1.71).
+    correct = np.array([np.tile([1, 1, 0, 0], 100), np.tile([1, 0, 0, 0], 100)], dtype=bool)
+    interval = accuracy_interval(correct, seed=0)
+    assert interval.estimate == 37.5 and interval.n == 400
+    assert interval.low == pytest.approx(37.5 - 1.96 * 2.07, abs=0.5)
+    assert interval.high == pytest.approx(37.5 + 1.96 * 2.07, abs=0.5)
 
 
 def test_beats_needs_the_whole_interval_above():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, TINY_CONFIGS
+from tiny_train import tiny_config as shared_tiny_config
 from softprompt.backbones.loading import model_from_config
 from softprompt.data.batch import encode, train_batch
 from softprompt.eval.scoring import metrics, score
@@ -19,11 +20,11 @@ from softprompt.tasks.superglue import TASKS, load_examples
 from softprompt.train.loop import TrainConfig, TrainingDiverged, config_differences, initial_prompt, loss_step, make_splits, train, val_subsample
 
 # 24 train rows per task in the fixture: a dev slice of 6, 18 left to train on.
-TINY = dict(num_tokens=4, lr=0.3, epochs=1, min_dev_examples=6, batch_size=8, device="cpu")
+TINY = dict(epochs=1, min_dev_examples=6, batch_size=8, max_length=256)
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    return TrainConfig(**{"task": "cb", **TINY, **overrides})
+    return shared_tiny_config(**{**TINY, **overrides})
 
 
 def run_tiny(backbone, out, data_dir, **overrides) -> dict:

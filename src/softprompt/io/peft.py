@@ -4,6 +4,10 @@ A PEFT prompt-tuning adapter is a folder with `adapter_config.json` and `adapter
 whose single tensor `prompt_embeddings` is the `[num_virtual_tokens, token_dim]` prompt (peft
 `utils/save_and_load.py`). PEFT prepends it to the input embeddings of the unmodified model, as
 softprompt does, so the same tensor gives the same logits in both (tests/test_peft.py checks it).
+
+softprompt's own fields go in the safetensors header, never in `adapter_config.json`: PEFT warns
+about every key its `PromptTuningConfig` does not know ("Unexpected keyword arguments ... upgrade
+PEFT"). Adapters exported before that kept `softprompt_model` in the config; they are still read.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ ADAPTER_KEY = "prompt_embeddings"
 # softprompt init -> PEFT's PromptTuningInit; class labels start from vocabulary embeddings too.
 PEFT_INIT = {"text": "TEXT", "vocab": "SAMPLE_VOCAB", "class-labels": "SAMPLE_VOCAB", "random": "RANDOM"}
 SOFTPROMPT_INIT = {"TEXT": "text", "SAMPLE_VOCAB": "vocab", "RANDOM": "random"}
-# Our own field in adapter_config.json: softprompt's model name (a preset such as smollm2-135m-instruct),
-# while base_model_name_or_path holds what PEFT's AutoPeftModel can resolve (the hub id).
+# Our own field, in the weights' safetensors header (in adapter_config.json before): softprompt's model
+# name (a preset such as smollm2-135m-instruct), while base_model_name_or_path holds what PEFT's
+# AutoPeftModel can resolve (the hub id).
 SOFTPROMPT_MODEL_FIELD = "softprompt_model"
 
 
@@ -53,7 +58,7 @@ def adapter_config(prompt: Tensor, metadata: dict[str, str], run: dict) -> dict:
     """The `adapter_config.json` PEFT's `PromptTuningConfig` reads back, for a `[P, H]` prompt."""
     init = PEFT_INIT.get(metadata.get("init", ""), "RANDOM")
     config = run.get("config", {})
-    model = metadata.get("model") or run.get("model")
+    model = _model_name(metadata, run)
     base = PRESETS[model].hub_id if model in PRESETS else model  # what AutoPeftModel can resolve
     init_text = None
     if init == "TEXT":
@@ -67,13 +72,17 @@ def adapter_config(prompt: Tensor, metadata: dict[str, str], run: dict) -> dict:
         "token_dim": prompt.shape[1],
         "num_transformer_submodules": 1,
         "base_model_name_or_path": base,
-        SOFTPROMPT_MODEL_FIELD: model,  # softprompt's own name for it (a preset), read back by evaluate --prompt
         "prompt_tuning_init": init,
         "prompt_tuning_init_text": init_text,
         # PEFT requires a tokenizer with TEXT init (it is only read when training from scratch).
         "tokenizer_name_or_path": base if init == "TEXT" else None,
         "inference_mode": True,
     }
+
+
+def _model_name(metadata: dict[str, str], run: dict) -> str | None:
+    """softprompt's name for the prompt's model: the prompt file's header, else the run's record."""
+    return metadata.get("model") or run.get("model")
 
 
 def _task_init_text(task_name: str | None) -> str | None:
@@ -89,7 +98,8 @@ def export_peft(run_dir: Path, out_dir: Path) -> dict:
         out_dir: the adapter folder to write (`adapter_model.safetensors`, `adapter_config.json`).
 
     Returns:
-        The adapter config written.
+        The adapter config written. softprompt's model name (a preset, read back by `evaluate --prompt`)
+        goes in the weights' header as `softprompt_model`, where PEFT does not look.
 
     Raises:
         PromptFileError: the run's prompt is missing or damaged.
@@ -98,7 +108,9 @@ def export_peft(run_dir: Path, out_dir: Path) -> dict:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run = read_run(run_dir) if (run_dir / RUN_FILE).is_file() else {}  # a bare prompt file has none
     config = adapter_config(prompt, metadata, run)
-    weights = st_save({ADAPTER_KEY: prompt.contiguous()}, metadata={"format": "pt"})
+    model = _model_name(metadata, run)
+    header = {"format": "pt", **({SOFTPROMPT_MODEL_FIELD: str(model)} if model else {})}
+    weights = st_save({ADAPTER_KEY: prompt.contiguous()}, metadata=header)
     atomic_write_bytes(out_dir / ADAPTER_WEIGHTS, weights)
     atomic_write_json(out_dir / ADAPTER_CONFIG, config)
     return config
@@ -157,11 +169,12 @@ def read_adapter_config(config_path: Path) -> dict:
 
 def _adapter_prompt(path: Path, config: dict, hidden_size: int | None) -> tuple[Tensor, dict[str, str]]:
     """Read, check and describe the `prompt_embeddings` tensor of a PEFT weights file."""
-    prompt, _ = read_prompt_tensor(path, ADAPTER_KEY, "; is it a prompt-tuning adapter?")
+    prompt, header = read_prompt_tensor(path, ADAPTER_KEY, "; is it a prompt-tuning adapter?")
     expected = [config.get("num_virtual_tokens", prompt.shape[0]), config.get("token_dim", prompt.shape[-1])]
     if prompt.dim() != 2 or list(prompt.shape) != expected:
         raise PromptFileError(f"{path}: {ADAPTER_KEY} has shape {list(prompt.shape)}, the config says {expected}")
-    model = config.get(SOFTPROMPT_MODEL_FIELD) or config.get("base_model_name_or_path")
+    # the header (exports today), the config (older exports), else PEFT's own base model name
+    model = (header or {}).get(SOFTPROMPT_MODEL_FIELD) or config.get(SOFTPROMPT_MODEL_FIELD) or config.get("base_model_name_or_path")
     check_prompt_tensor(path, prompt, hidden_size, model)
     metadata = {"source": "peft", "init": SOFTPROMPT_INIT.get(str(config.get("prompt_tuning_init")), "random")}
     if model:
