@@ -7,7 +7,7 @@ from torch import Tensor
 
 from softprompt.analysis.similarity import rank_predictors, similarity_matrices
 from softprompt.backbones.loading import Backbone
-from softprompt.core.forward import ffn_activation_rates
+from softprompt.analysis.ffn_probes import ffn_activation_rates
 from softprompt.data.batch import Encoded, pad
 
 
