@@ -16,7 +16,7 @@ from softprompt.io.peft import ADAPTER_CONFIG, ADAPTER_KEY, ADAPTER_WEIGHTS, exp
 from softprompt.core.forward import logits_at
 from softprompt.io.runs import PROMPT_FILE, PromptFileError, load_prompt, save_prompt
 from softprompt.io.sources import load_prompt_source
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.tasks.registry import get_task, load_examples
 
 NUM_TOKENS = 4
 

@@ -15,7 +15,7 @@ from softprompt.data.batch import encode
 from softprompt.eval.scoring import score
 from softprompt.eval.task_metrics import grouped_metrics
 from softprompt.io.runs import load_prompt
-from softprompt.tasks.superglue import TASKS, DataError, Example, get_task, load_examples
+from softprompt.tasks.registry import TASKS, DataError, Example, get_task, load_examples
 from softprompt.tasks.taskfile import TaskFileError, load_task_file
 from softprompt.train.loop import TrainConfig, train
 

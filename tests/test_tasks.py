@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.tasks.superglue import TASKS, DataError, Example, get_task, load_examples, read_jsonl, resolve_data_dir
+from softprompt.tasks.registry import TASKS, DataError, Example, get_task, load_examples, read_jsonl, resolve_data_dir
 
 # One known row per task (the first row of each fixture train file) and the example it must become.
 KNOWN = {

@@ -24,7 +24,7 @@ from softprompt.io.runs import atomic_write_json, read_run
 from softprompt.io.sources import check_tokenizer, load_prompt_source
 from softprompt.study.executors import ExecutorConfig
 from softprompt.serve.config import ServeConfig
-from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
+from softprompt.tasks.registry import DATA_DIR_ENV, DataError, get_task, load_examples
 from softprompt.train import distributed
 from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
 
@@ -239,7 +239,7 @@ def generate_command(prompt_path, no_prompt, texts, task, split, limit, max_new_
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the table as JSON here.")
 def tasks_command(task_files: tuple[Path, ...], data_dir: Path | None, json_out: Path | None) -> None:
     """List the built-in tasks (or the given task files): splits, sizes, choices and the val majority-class rate."""
-    from softprompt.tasks.superglue import TASKS, task_summary
+    from softprompt.tasks.registry import TASKS, task_summary
 
     try:
         tasks = [get_task(str(path)) for path in task_files] if task_files else list(TASKS.values())

@@ -30,7 +30,7 @@ from softprompt.serve.bank import BankEntry, UnknownPrompt
 from softprompt.serve.batcher import Batcher, QueueFull
 from softprompt.serve.config import ServeConfig, TooLong
 from softprompt.serve.engine import Completion, CompletionJob, ScoreJob, run_batch
-from softprompt.tasks.superglue import DataError, Example, get_task, require
+from softprompt.tasks.registry import DataError, Example, get_task, require
 
 RETRY_AFTER_S = 1
 ENDPOINTS = ("/v1/classify", "/v1/completions", "/v1/models", "/health", "/metrics")

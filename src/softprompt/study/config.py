@@ -14,7 +14,7 @@ from typing import Any
 from softprompt.backbones.loading import DEFAULT_MODEL
 from softprompt.core.prompt import InitMethod
 from softprompt.flags import flag_help
-from softprompt.tasks.superglue import get_task
+from softprompt.tasks.registry import get_task
 from softprompt.train.loop import TrainConfig
 
 PER_RUN_KEYS = ("task", "seed")  # set by the study for each run, not in the config file

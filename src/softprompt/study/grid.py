@@ -9,7 +9,7 @@ from softprompt.backbones.loading import Backbone
 from softprompt.io.runs import RUN_FILE, is_done, read_run
 from softprompt.study.config import StudyConfig
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs
-from softprompt.tasks.superglue import is_task_file
+from softprompt.tasks.registry import is_task_file
 from softprompt.train.loop import TrainConfig, config_differences
 
 IN_PROCESS = ExecutorConfig(workers="1")  # the library's default: every run in the caller's process

@@ -48,7 +48,7 @@ from softprompt.study.results import (
     transfer,
 )
 from softprompt.study.score_cache import cached_scores, eval_items
-from softprompt.tasks.superglue import get_task
+from softprompt.tasks.registry import get_task
 from softprompt.train.loop import TrainConfig
 
 STUDY_FILE = "study.json"

@@ -21,7 +21,7 @@ from softprompt.eval.scoring import Scores, score
 from softprompt.io.runs import atomic_write_json, tensor_sha256
 from softprompt.study.config import StudyConfig
 from softprompt.study.grid import task_key
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.tasks.registry import get_task, load_examples
 from softprompt.train.loop import val_subsample
 
 

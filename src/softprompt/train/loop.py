@@ -52,7 +52,7 @@ from softprompt.io.runs import (
     save_prompt,
 )
 from softprompt.io.sources import load_prompt_source
-from softprompt.tasks.superglue import DataError, Example, Task, get_task, load_examples
+from softprompt.tasks.registry import DataError, Example, Task, get_task, load_examples
 from softprompt.tasks.taskfile import data_files, split_name
 from softprompt.train import distributed
 from softprompt.flags import flag_help

@@ -1,8 +1,8 @@
-"""The built-in tasks (SuperGLUE's CB, RTE, COPA, WSC, WiC, MultiRC, BoolQ) and the task entry points.
+"""The registry of tasks: every `--task` value, a built-in name or the path of any task file, resolves here.
 
-Each built-in is a task file in `builtin/` (lm-evaluation-harness's YAML, read by `taskfile`); a
-`--task` value is a built-in name or the path of any task file. `get_task` and `load_examples` are
-what the rest of softprompt calls.
+The built-ins (SuperGLUE's CB, RTE, COPA, WSC, WiC, MultiRC, BoolQ) are task files in `builtin/`
+(lm-evaluation-harness's YAML, read by `taskfile`), named in the literal dict `TASKS`; any other task
+file works the same way. `get_task` and `load_examples` are what the rest of softprompt calls.
 """
 
 from __future__ import annotations
