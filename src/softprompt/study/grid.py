@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt.backbones.loading import Backbone
@@ -72,3 +73,21 @@ def val_accuracy(run_dir: Path) -> float | None:
     """A finished run's val accuracy; None when it did not finish (diverged)."""
     record = read_run(run_dir) if (run_dir / RUN_FILE).is_file() else {}
     return record["val"]["accuracy"] if record.get("status") == "done" else None
+
+
+@dataclass(frozen=True)
+class FinishedRuns:
+    """Which grid runs finished: each task's done seeds and the run that stands for the task (None: no run finished)."""
+
+    seeds_of: dict[str, list[int]]
+    representative: dict[str, str | None]
+
+
+def finished_runs(config: StudyConfig, statuses: dict[str, str]) -> FinishedRuns:
+    """The done seeds of each task and its representative: the transfer seed's run, else the first done seed's."""
+    seeds_of = {task: [s for s in config.seeds if statuses.get(run_name(task, s)) == "done"] for task in config.tasks}
+    representative = {}
+    for task, seeds in seeds_of.items():
+        seed = config.representative_seed if config.representative_seed in seeds else (seeds[0] if seeds else None)
+        representative[task] = None if seed is None else run_name(task, seed)
+    return FinishedRuns(seeds_of, representative)

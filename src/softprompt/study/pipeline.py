@@ -9,8 +9,9 @@ Layout of a study folder:
     results.json            every number the report shows
     report.html, *.csv, *.png   written by `softprompt.report.html` from results.json
 
-A run whose run.json says `done` is never retrained; anything else (missing, half-written,
-crashed) is retrained from scratch. Scores are recomputed only when the prompt or the eval set changed.
+A run whose run.json says `done` is never retrained; an unfinished one (half-written, crashed, killed)
+resumes from its last checkpoint (from step 0 when it has none). Scores are recomputed only when the
+prompt, the eval set or the backbone changed.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from torch import Tensor
 from softprompt.analysis import measures as analysis
 from softprompt.backbones.loading import Backbone
 from softprompt.core.prompt import embed_text
-from softprompt.eval.scoring import metrics
-from softprompt.io.runs import atomic_write_json, load_prompt, read_run
+from softprompt.data.batch import Encoded
+from softprompt.eval.task_metrics import task_metrics
+from softprompt.io.runs import atomic_write_json, load_prompt, provenance, read_run
 from softprompt.study import ablation, spot
 from softprompt.study.drift import drifts
 from softprompt.study.similarity import predictors, probe_contexts, similarity_measures
 from softprompt.study.config import StudyConfig
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs, worker_backbone
-from softprompt.study.grid import IN_PROCESS, reusable, run_name, train_all
+from softprompt.study.grid import IN_PROCESS, FinishedRuns, finished_runs, reusable, run_name, train_all
 from softprompt.study.results import (
     RESULTS_FILE,
     accuracy_intervals,
@@ -47,8 +49,8 @@ from softprompt.study.results import (
     task_evaluation,
     transfer,
 )
-from softprompt.study.score_cache import cached_scores, eval_items
-from softprompt.tasks.registry import get_task
+from softprompt.study.score_cache import cached_scores, eval_set
+from softprompt.tasks.registry import Example, get_task
 from softprompt.train.loop import TrainConfig
 
 STUDY_FILE = "study.json"
@@ -82,9 +84,10 @@ def run_study(
     statuses = train_all(config, out_dir, backbone, data_dir, progress, echo, executor)
     device, dtype = config.train.get("device", "auto"), config.train.get("dtype", "auto")
     backbone = backbone or worker_backbone(config.model, device, dtype)  # the one in-process runs loaded
-    staged = train_stages(config, out_dir, backbone, data_dir, statuses, progress, echo, executor)
+    finished = finished_runs(config, statuses)
+    staged = train_stages(config, out_dir, backbone, data_dir, finished, progress, echo, executor)
     analysis_started = time.time()
-    results = analyse(config, out_dir, backbone, data_dir, statuses, echo, progress, staged)
+    results = analyse(config, out_dir, backbone, data_dir, statuses, finished, echo, progress, staged)
     results["analysis_wall_s"] = round(time.time() - analysis_started, 1)  # scoring, interpretation, statistics
     results["wall_s"] = round(time.time() - started, 1)  # this call, training included (resumed runs count 0)
     atomic_write_json(out_dir / RESULTS_FILE, json_safe(results))
@@ -94,13 +97,11 @@ def run_study(
 
 
 def train_stages(
-    config: StudyConfig, out_dir: Path, backbone: Backbone | None, data_dir: str | Path | None, statuses: dict[str, str],
+    config: StudyConfig, out_dir: Path, backbone: Backbone | None, data_dir: str | Path | None, finished: FinishedRuns,
     progress: bool, echo: Callable[[str], None], executor: ExecutorConfig | None = None,
 ) -> dict:
     """The training stages after the grid, with the grid's executor: SPoT (from each task's representative prompt) and the ablation."""
-    seeds_of = {task: [s for s in config.seeds if statuses.get(run_name(task, s)) == "done"] for task in config.tasks}
-    representative = {task: _representative(config, task, seeds_of[task]) for task in config.tasks}
-    sources = {t: (out_dir / "runs" / r).resolve() for t, r in representative.items() if r}
+    sources = {t: (out_dir / "runs" / r).resolve() for t, r in finished.representative.items() if r}
     base = {t: config.train_config(t, config.representative_seed) for t in config.tasks}
     wanted: dict[Path, TrainConfig] = {}
     if config.spot_steps and len(sources) > 1:
@@ -122,31 +123,17 @@ def train_stages(
 
 def analyse(
     config: StudyConfig, out_dir: Path, backbone: Backbone, data_dir: str | Path | None, statuses: dict[str, str],
-    echo: Callable[[str], None], progress: bool = False, staged: dict | None = None,
+    finished: FinishedRuns, echo: Callable[[str], None], progress: bool = False, staged: dict | None = None,
 ) -> dict:
     """Every analysis of the issue, from the saved runs (never trains)."""
     done = {name: out_dir / "runs" / name for name, status in statuses.items() if status == "done"}
     records = {name: read_run(path) for name, path in done.items()}
     prompts = {name: load_prompt(path, hidden_size=backbone.hidden_size)[0] for name, path in done.items()}
-    seeds_of = {task: [s for s in config.seeds if run_name(task, s) in done] for task in config.tasks}
-    representative = {task: _representative(config, task, seeds_of[task]) for task in config.tasks}
+    seeds_of, representative = finished.seeds_of, finished.representative
     batch_size = config.train_config(config.tasks[0], config.seeds[0]).eval_batch_size
-
-    items = {task: eval_items(task, config, backbone.tokenizer, data_dir) for task in config.tasks}
-    evaluation, transfer_scores = {}, {}
-    for task in config.tasks:
-        own = {run_name(task, s): prompts[run_name(task, s)] for s in seeds_of[task]}
-        others = {representative[t]: prompts[representative[t]] for t in config.tasks if t != task and representative[t]}
-        scores = {}
-        for sources in ({"none": None}, {f"text-{task}": _text_prompt(backbone, config, task)}, own | others):
-            scores |= cached_scores(out_dir, backbone, sources, task, items[task], batch_size, echo, progress)
-        evaluation[task] = task_evaluation(task, seeds_of[task], scores, items[task])
-        evaluation[task]["intervals"] = accuracy_intervals(
-            {k: v for k, v in scores.items() if k not in others}, list(own), torch.tensor([i.label for i in items[task]]),
-            evaluation[task]["majority_class"], seed=config.representative_seed,
-        )
-        transfer_scores[task] = {source: metrics(scores[source]) for source in others | own}
-
+    sets = {task: eval_set(task, config, backbone.tokenizer, data_dir) for task in config.tasks}
+    items = {task: task_items for task, (_, task_items) in sets.items()}
+    evaluation, transfer_scores = evaluate_tasks(config, out_dir, backbone, prompts, finished, sets, echo, progress)
     results = {
         "title": config.name,
         "study": config.to_json(),
@@ -156,6 +143,7 @@ def analyse(
         "runs": {name: run_summary(name, records.get(name), statuses[name]) for name in statuses},
         "evaluation": evaluation,
         "representative": representative,
+        "provenance": provenance(),  # versions, machine and git commit, as in each run.json
     }
     tasks_with_prompt = [t for t in config.tasks if representative[t]]
     results["transfer"] = transfer(tasks_with_prompt, representative, transfer_scores, evaluation)
@@ -178,11 +166,33 @@ def analyse(
     return results
 
 
-def _representative(config: StudyConfig, task: str, seeds: list[int]) -> str | None:
-    """The run that stands for a task in transfer and similarity: the transfer seed, else the first done seed."""
-    if config.representative_seed in seeds:
-        return run_name(task, config.representative_seed)
-    return run_name(task, seeds[0]) if seeds else None
+def evaluate_tasks(
+    config: StudyConfig, out_dir: Path, backbone: Backbone, prompts: dict[str, Tensor], finished: FinishedRuns,
+    sets: dict[str, tuple[list[Example], list[Encoded]]], echo: Callable[[str], None], progress: bool = False,
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Each task's evaluation block (no prompt, text prompt, every seed, intervals) and every representative prompt's metrics on it.
+
+    The metrics are `task_metrics` of cached scores, the numbers `softprompt evaluate` reports (MultiRC's F1a and EM included).
+
+    Returns:
+        ({task: evaluation}, {target task: {source run: metrics}}).
+    """
+    batch_size = config.train_config(config.tasks[0], config.seeds[0]).eval_batch_size
+    representative = finished.representative
+    evaluation, transfer_scores = {}, {}
+    for task, (examples, items) in sets.items():
+        own = {run_name(task, s): prompts[run_name(task, s)] for s in finished.seeds_of[task]}
+        others = {representative[t]: prompts[representative[t]] for t in config.tasks if t != task and representative[t]}
+        scores = {}
+        for sources in ({"none": None}, {f"text-{task}": _text_prompt(backbone, config, task)}, own | others):
+            scores |= cached_scores(out_dir, backbone, sources, task, items, batch_size, echo, progress)
+        evaluation[task] = task_evaluation(task, finished.seeds_of[task], scores, examples)
+        evaluation[task]["intervals"] = accuracy_intervals(
+            {k: v for k, v in scores.items() if k not in others}, list(own), torch.tensor([e.label for e in examples]),
+            evaluation[task]["majority_class"], seed=config.representative_seed,
+        )
+        transfer_scores[task] = {source: task_metrics(scores[source], examples) for source in others | own}
+    return evaluation, transfer_scores
 
 
 def _text_prompt(backbone: Backbone, config: StudyConfig, task: str) -> Tensor:

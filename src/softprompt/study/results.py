@@ -18,9 +18,11 @@ from softprompt.analysis.statistics import Interval, accuracy_interval, beats
 from softprompt.analysis.interpret import interpret_prompt, rows_to_json, run_init_ids
 from softprompt.backbones.loading import Backbone
 from softprompt.data.batch import Encoded
-from softprompt.eval.scoring import Scores, metrics
+from softprompt.eval.scoring import Scores
+from softprompt.eval.task_metrics import task_metrics
 from softprompt.study.config import StudyConfig
 from softprompt.study.grid import run_name
+from softprompt.tasks.registry import Example, majority_rate
 
 RESULTS_FILE = "results.json"
 
@@ -63,15 +65,15 @@ def interpretation(backbone: Backbone, record: dict, prompt: Tensor, top_k: int)
     return {"task": record["task"], "seed": record["config"]["seed"], "rows": rows_to_json(rows)}
 
 
-def task_evaluation(task: str, seeds: list[int], scores: dict[str, Scores], items: list[Encoded]) -> dict:
-    labels = torch.tensor([item.label for item in items])
-    majority = 100.0 * float(labels.bincount().max()) / len(labels)
-    per_seed = {str(s): metrics(scores[run_name(task, s)]) for s in seeds}
+def task_evaluation(task: str, seeds: list[int], scores: dict[str, Scores], examples: list[Example]) -> dict:
+    """One task's evaluation block: no prompt, text prompt and each seed's `task_metrics`, their mean and sd, the ensemble."""
+    labels = torch.tensor([e.label for e in examples])
+    per_seed = {str(s): task_metrics(scores[run_name(task, s)], examples) for s in seeds}
     result = {
-        "n": len(items),
-        "majority_class": majority,
-        "no_prompt": metrics(scores["none"]),
-        "text_prompt": metrics(scores[f"text-{task}"]),
+        "n": len(examples),
+        "majority_class": majority_rate(labels.tolist()),
+        "no_prompt": task_metrics(scores["none"], examples),
+        "text_prompt": task_metrics(scores[f"text-{task}"], examples),
         "seeds": per_seed,
     }
     for key in ("accuracy", "exact_match"):
