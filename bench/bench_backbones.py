@@ -23,7 +23,7 @@ import torch
 from softprompt.backbones.loading import load_backbone
 from softprompt.core.prompt import embed_text, from_embedded_text
 from softprompt.data.batch import encode, train_batch
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.tasks.registry import get_task, load_examples
 from softprompt.train.loop import loss_step
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"

@@ -29,7 +29,7 @@ from softprompt.io.sources import load_prompt_source
 try:
     from softprompt.tasks.registry import get_task, load_examples
 except ImportError:  # before the tasks module's rename
-    from softprompt.tasks.superglue import get_task, load_examples
+    from softprompt.tasks.registry import get_task, load_examples
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"
 

@@ -50,7 +50,7 @@ from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone
 from softprompt.data.batch import Batch, Encoded, bucketed_batches, encode, pad, train_batch
 from softprompt.eval.scoring import score
 from softprompt.core.prompt import embed_text, from_embedded_text
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.tasks.registry import get_task, load_examples
 from softprompt.train.loop import loss_step
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"

@@ -32,7 +32,7 @@ import torch
 from softprompt.backbones.loading import load_backbone
 from softprompt.io.runs import atomic_write_json, load_prompt, tensor_sha256
 from softprompt.study.executors import ExecutorConfig, RunJob, cpu_count, run_jobs
-from softprompt.tasks.superglue import resolve_data_dir
+from softprompt.tasks.registry import resolve_data_dir
 from softprompt.train.loop import TrainConfig
 
 

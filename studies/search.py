@@ -15,9 +15,11 @@ from pathlib import Path
 
 from softprompt.backbones.loading import load_backbone
 from softprompt.io.runs import is_done, read_run
-from softprompt.report.paper import MAJORITY_CLASS as MAJORITY
-from softprompt.report.paper import ZERO_SHOT_SMOLLM2 as ZERO_SHOT
+from softprompt.tasks.registry import get_task, load_examples, majority_rate
 from softprompt.train.loop import TrainConfig, train
+
+# Zero-shot (no prompt) val accuracy of SmolLM2-135M-Instruct with the built-in task files (README).
+ZERO_SHOT = {"cb": 26.8, "rte": 55.6, "copa": 62.0, "wsc": 63.5}
 
 
 def main() -> None:
@@ -46,11 +48,12 @@ def main() -> None:
             train(config, run_dir, backbone=backbone, data_dir=args.data_dir, progress=False)
         record = read_run(run_dir)
         val, dev = record["val"], record["dev"]
-        beats = val["accuracy"] > max(ZERO_SHOT[task], MAJORITY[task])
+        majority = majority_rate([e.label for e in load_examples(get_task(task), "val", args.data_dir)])
+        beats = val["accuracy"] > max(ZERO_SHOT[task], majority)
         print(
             f"{run_dir.name:<45} dev {dev['accuracy']:5.1f}  val acc {val['accuracy']:5.1f}  EM {val['exact_match']:5.1f}  "
             f"F1 {val['macro_f1']:5.1f}  best epoch {record['best_epoch']}  {record['wall_s']:.0f}s  "
-            f"{'beats' if beats else 'does not beat'} max(zero-shot {ZERO_SHOT[task]}, majority {MAJORITY[task]})",
+            f"{'beats' if beats else 'does not beat'} max(zero-shot {ZERO_SHOT[task]}, majority {majority:.1f})",
             flush=True,
         )
 

@@ -10,7 +10,7 @@ import torch
 from softprompt.analysis.interpret import init_token_ids
 from softprompt.core.prompt import embed_text
 from softprompt.data.batch import encode, train_batch
-from softprompt.tasks.superglue import TASKS, load_examples
+from softprompt.tasks.registry import TASKS, load_examples
 from softprompt.train.anchor import anchor_embeddings, anchor_ids, anchor_penalty, check_anchor, faithfulness
 from softprompt.train.loop import loss_step
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import softprompt.tasks.data as tasks_module
-from softprompt.tasks.superglue import TASKS, DataError, Task, load_examples, read_jsonl
+from softprompt.tasks.registry import TASKS, DataError, Task, load_examples, read_jsonl
 
 from conftest import FIXTURE_DATA
 

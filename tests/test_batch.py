@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from softprompt.data.batch import Encoded, bucketed_batches, cheapest_ranges, encode, length_of, score_batch, sorted_chunks, train_batch
-from softprompt.tasks.superglue import Example
+from softprompt.tasks.registry import Example
 
 PAD = 0
 

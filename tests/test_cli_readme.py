@@ -18,7 +18,7 @@ from safetensors import safe_open
 from conftest import FIXTURE_DATA
 from softprompt.cli import app
 from softprompt.io.runs import PROMPT_FILE, RUN_FILE
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.tasks.registry import get_task, load_examples
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 INIT_TEXT = "Pick the more plausible alternative."

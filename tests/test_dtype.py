@@ -18,7 +18,7 @@ from softprompt.core.forward import logits_at
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import score
 from softprompt.io.runs import RUN_FILE, load_prompt
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.tasks.registry import get_task, load_examples
 from softprompt.train.loop import TrainConfig, check_resume_dtype, train
 
 SUM_LOGPROB_ATOL = 0.15

@@ -22,7 +22,7 @@ from softprompt.analysis.reading import hard_prompt_accuracy
 from softprompt.core.forward import generate
 from softprompt.core.prompt import embed_ids, embed_text
 from softprompt.data.batch import encode
-from softprompt.tasks.superglue import TASKS, load_examples
+from softprompt.tasks.registry import TASKS, load_examples
 
 
 def test_documented_frames_split_at_their_placeholder():

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from softprompt.backbones.loading import GEMMA3_PACKAGES, load_tokenizer
 from softprompt.core.forward import logits_at
 from softprompt.data.batch import encode, score_batch, train_batch
-from softprompt.tasks.superglue import Example, TASKS, load_examples
+from softprompt.tasks.registry import Example, TASKS, load_examples
 
 from conftest import FIXTURE_DATA
 

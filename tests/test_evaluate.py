@@ -10,7 +10,7 @@ import torch
 from conftest import ARCHITECTURES
 from softprompt.data.batch import Encoded, encode, train_batch
 from softprompt.eval.scoring import Scores, metrics, score, target_logprobs
-from softprompt.tasks.superglue import TASKS, load_examples
+from softprompt.tasks.registry import TASKS, load_examples
 from softprompt.train.loop import loss_step
 
 

@@ -21,7 +21,7 @@ from softprompt.analysis.interpret import (
 )
 from softprompt.train.loop import TrainConfig, initial_prompt
 from softprompt.io.runs import atomic_write_json, save_prompt
-from softprompt.tasks.superglue import get_task
+from softprompt.tasks.registry import get_task
 
 
 def test_nearest_tokens_reads_off_one_hot_rows():

@@ -19,7 +19,7 @@ from softprompt.io.peft import ADAPTER_CONFIG, ADAPTER_KEY, ADAPTER_WEIGHTS, SOF
 from softprompt.core.forward import logits_at
 from softprompt.io.runs import PROMPT_FILE, PromptFileError, load_prompt, save_prompt
 from softprompt.io.sources import load_prompt_source
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.tasks.registry import get_task, load_examples
 
 NUM_TOKENS = 4
 # PEFT warns about every adapter_config.json key it does not know ("Unexpected keyword arguments

@@ -16,7 +16,7 @@ from softprompt.core.prompt import (
     random_uniform,
 )
 from softprompt.core.forward import logits_at
-from softprompt.tasks.superglue import TASKS
+from softprompt.tasks.registry import TASKS
 from softprompt.train.loop import COMMON_TOKENS, TrainConfig, initial_prompt
 
 

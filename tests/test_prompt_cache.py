@@ -11,7 +11,7 @@ import softprompt.data.batch
 from softprompt.data.batch import Encoded, encode
 from softprompt.eval.scoring import score
 from softprompt.core.forward import logits_at
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.tasks.registry import get_task, load_examples
 
 
 def _concatenated(model, prompt, input_ids, attention_mask, rows, positions):

@@ -13,7 +13,7 @@ from softprompt.analysis.rows import accuracies, gold_loglik
 from softprompt.core.prompt import embed_ids, embed_text
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import score
-from softprompt.tasks.superglue import TASKS, load_examples
+from softprompt.tasks.registry import TASKS, load_examples
 
 
 def test_projection_reads_off_one_hot_rows():

@@ -21,7 +21,7 @@ from softprompt.analysis.rows import (
 )
 from softprompt.data.batch import encode, train_batch
 from softprompt.eval.scoring import score
-from softprompt.tasks.superglue import TASKS, load_examples
+from softprompt.tasks.registry import TASKS, load_examples
 from softprompt.train.loop import loss_step
 
 

@@ -8,8 +8,8 @@ import torch
 
 from softprompt.backbones.loading import model_from_config
 from softprompt.data.batch import encode
-from softprompt.study.pipeline import cached_scores, score_cache_model_key
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.study.score_cache import cached_scores, score_cache_model_key
+from softprompt.tasks.registry import get_task, load_examples
 
 from conftest import FIXTURE_DATA, TINY_CONFIGS
 

@@ -18,7 +18,7 @@ from softprompt.data.batch import encode
 from softprompt.eval.scoring import score
 from softprompt.io.runs import PromptFileError, save_prompt, tensor_sha256
 from softprompt.io.sources import load_prompt_source
-from softprompt.tasks.superglue import TASKS, Example, load_examples
+from softprompt.tasks.registry import TASKS, Example, load_examples
 from test_evaluate import full_logits
 
 

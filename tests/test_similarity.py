@@ -17,7 +17,7 @@ from softprompt.analysis.similarity import (
     rank_predictors,
     similarity_matrices,
 )
-from softprompt.core.forward import ffn_activation_rates, ffn_output_projections
+from softprompt.analysis.ffn_probes import ffn_activation_rates, ffn_output_projections
 
 E = torch.eye(3)
 

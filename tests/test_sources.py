@@ -19,7 +19,7 @@ from softprompt.io.peft import ADAPTER_WEIGHTS, import_peft
 from softprompt.io.runs import PROMPT_FILE, RUN_FILE, PromptFileError, RunNotFinished, atomic_write_json, save_prompt
 from softprompt.io.sources import SourceKind, load_prompt_source
 from softprompt.backbones.loading import load_backbone
-from softprompt.tasks.superglue import get_task, load_examples
+from softprompt.tasks.registry import get_task, load_examples
 
 from conftest import FIXTURE_DATA
 

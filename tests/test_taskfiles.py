@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from softprompt.cli import app
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import score
 from softprompt.eval.task_metrics import grouped_metrics
 from softprompt.io.runs import load_prompt
-from softprompt.tasks.superglue import TASKS, DataError, Example, get_task, load_examples
+from softprompt.tasks.registry import TASKS, DataError, Example, get_task, load_examples
 from softprompt.tasks.taskfile import TaskFileError, load_task_file
 from softprompt.train.loop import TrainConfig, train
 
@@ -102,7 +104,16 @@ def test_a_yaml_task_over_fixture_rows_trains_and_evaluates(tiny_backbone, tmp_p
     config = TrainConfig(task=str(path), num_tokens=4, lr=0.3, epochs=1, min_dev_examples=6, batch_size=8, device="cpu")
     record = train(config, tmp_path / "run", backbone=tiny_backbone, progress=False)
     assert record["status"] == "done" and record["task"] == "my_copa" and record["steps"] == 3
-    assert record["val"]["n"] == 8 and 0 <= record["val"]["accuracy"] <= 100
+    # the record's val numbers are what `softprompt evaluate` reports from the files: the saved prompt, the model reloaded
+    tiny_backbone.model.save_pretrained(tmp_path / "model")
+    tiny_backbone.tokenizer.save_pretrained(tmp_path / "model")
+    args = ["evaluate", "--task", str(path), "--prompt", str(tmp_path / "run"), "--model", str(tmp_path / "model"), "--device", "cpu",
+            "--batch-size", str(config.eval_batch_size), "--out", str(tmp_path / "val.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads((tmp_path / "val.json").read_text())
+    assert record["val"]["n"] == evaluated["n"] == 8
+    assert {k: record["val"][k] for k in ("accuracy", "exact_match", "macro_f1")} == {k: evaluated[k] for k in ("accuracy", "exact_match", "macro_f1")}
     assert record["data"]["task_file"] == str(path.resolve()) and len(record["data"]["train_sha256"]) == 64
     assert record["task_notes"] == list(task.notes)
     assert load_prompt(tmp_path / "run")[0].shape == (4, tiny_backbone.hidden_size)

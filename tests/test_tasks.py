@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.tasks.superglue import TASKS, DataError, Example, get_task, load_examples, read_jsonl, resolve_data_dir
+from softprompt.tasks.registry import TASKS, DataError, Example, get_task, load_examples, majority_rate, read_jsonl, resolve_data_dir
 
 # One known row per task (the first row of each fixture train file) and the example it must become.
 KNOWN = {
@@ -235,3 +235,9 @@ def test_unknown_task_lists_valid_names():
 
 def test_task_names_are_case_insensitive():
     assert get_task("CB") is TASKS["cb"]
+
+
+def test_majority_rate_is_the_most_common_labels_share():
+    assert majority_rate([0, 1, 1, 2]) == 50.0 and majority_rate([1, 1, 1, 0]) == 75.0 and majority_rate([2]) == 100.0
+    with pytest.raises(ValueError, match="at least one label; the split is empty"):
+        majority_rate([])

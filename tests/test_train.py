@@ -16,7 +16,7 @@ from softprompt.backbones.loading import model_from_config
 from softprompt.data.batch import encode, train_batch
 from softprompt.eval.scoring import metrics, score
 from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_prompt
-from softprompt.tasks.superglue import TASKS, load_examples
+from softprompt.tasks.registry import TASKS, load_examples
 from softprompt.train.loop import TrainConfig, TrainingDiverged, config_differences, initial_prompt, loss_step, make_splits, train, val_subsample
 
 # 24 train rows per task in the fixture: a dev slice of 6, 18 left to train on.

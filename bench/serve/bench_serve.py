@@ -40,7 +40,7 @@ from softprompt.serve.bank import load_bank
 from softprompt.serve.config import ServeConfig
 from softprompt.serve.engine import ScoreJob
 from softprompt.serve.server import ServerThread
-from softprompt.tasks.superglue import TASKS, read_jsonl, resolve_data_dir
+from softprompt.tasks.registry import TASKS, read_jsonl, resolve_data_dir
 
 BENCH_TASKS = ("cb", "rte", "copa", "wsc")
 

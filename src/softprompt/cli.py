@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import types
 import typing
@@ -12,19 +11,19 @@ from pathlib import Path
 
 import click
 from click.core import ParameterSource
+from torch import Tensor
 
 from softprompt.flags import HELP_KEY
-from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, load_backbone, tokenizer_identity
-from softprompt.data.batch import encode
-from softprompt.eval.scoring import PromptMode, score
-from softprompt.eval.generation import generate_texts, generation_metrics
-from softprompt.eval.task_metrics import task_metrics
+from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, Backbone, load_backbone, tokenizer_identity
+from softprompt.eval.evaluate import evaluate
+from softprompt.eval.scoring import PromptMode
+from softprompt.eval.generation import generate_texts
 from softprompt.core.prompt import embed_text
 from softprompt.io.runs import atomic_write_json, read_run
 from softprompt.io.sources import check_tokenizer, load_prompt_source
 from softprompt.study.executors import ExecutorConfig
 from softprompt.serve.config import ServeConfig
-from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
+from softprompt.tasks.registry import DATA_DIR_ENV, get_task, load_examples
 from softprompt.train import distributed
 from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
 
@@ -82,6 +81,23 @@ data_dir_option = click.option(
 def _fail(message: str, code: int = 2) -> typing.NoReturn:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(code)
+
+
+def load_prompted_backbone(prompt_path: Path | None, model: str | None, device: str, dtype: str = "auto") -> tuple[Backbone, Tensor | None]:
+    """The backbone (`--model`, else the prompt's own model, else the default) and the `[P, H]` prompt checked against it.
+
+    Raises:
+        PromptFileError: the prompt's hidden size is not the backbone's; ValueError: it was trained
+            under another tokenizer. FileNotFoundError: no prompt at `prompt_path`.
+    """
+    source = load_prompt_source(prompt_path) if prompt_path is not None else None
+    backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device, dtype)
+    if source is None:
+        return backbone, None
+    source = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size)
+    identity = tokenizer_identity(backbone.tokenizer)
+    check_tokenizer(source, int(identity["vocab_size"]), identity["tokenizer_sha256"], backbone.name)
+    return backbone, source.prompt
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -163,23 +179,11 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, li
     try:
         task_ = get_task(task)
         mode = PromptMode.SOFT if prompt_path else PromptMode.NONE if no_prompt else PromptMode.TEXT
-        source = load_prompt_source(prompt_path) if prompt_path is not None else None
-        backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device, dtype)
-        if mode is PromptMode.SOFT:
-            source = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size)
-            identity = tokenizer_identity(backbone.tokenizer)
-            check_tokenizer(source, int(identity["vocab_size"]), identity["tokenizer_sha256"], backbone.name)
-            prompt = source.prompt
-        elif mode is PromptMode.TEXT:
+        backbone, prompt = load_prompted_backbone(prompt_path, model, device, dtype)
+        if mode is PromptMode.TEXT:
             prompt = embed_text(backbone.model, backbone.tokenizer, task_.init_text)
-        else:
-            prompt = None
         examples = load_examples(task_, split, data_dir)[:limit]
-        items = [encode(backbone.tokenizer, e, max_length) for e in examples]
-        result = task_metrics(score(backbone, prompt, items, batch_size, progress=True), examples)
-        if task_.output_type.value == "generate_until":  # greedy decoding, compared with the target
-            texts = generate_texts(backbone, prompt, [e.text for e in examples], task_.max_gen_toks, task_.until, max_length, batch_size)
-            result |= generation_metrics(texts, examples, task_.target_delimiter)
+        result = evaluate(backbone, prompt, task_, examples, max_length, batch_size, progress=True)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
     result = {"task": task_.name, "split": split, "mode": mode.value, "model": backbone.name, "dtype": backbone.dtype, **result}
@@ -217,9 +221,7 @@ def generate_command(prompt_path, no_prompt, texts, task, split, limit, max_new_
     try:
         task_ = get_task(task) if task else None
         examples = load_examples(task_, split, data_dir)[:limit] if task_ else []
-        source = load_prompt_source(prompt_path) if prompt_path is not None else None
-        backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device)
-        prompt = None if source is None else load_prompt_source(prompt_path, hidden_size=backbone.hidden_size).prompt
+        backbone, prompt = load_prompted_backbone(prompt_path, model, device)
         until = task_.until if task_ else ("\n\n",)
         new = max_new_tokens or (task_.max_gen_toks if task_ else 32)
         outputs = generate_texts(backbone, prompt, list(texts) or [e.text for e in examples], new, until, max_length)
@@ -239,7 +241,7 @@ def generate_command(prompt_path, no_prompt, texts, task, split, limit, max_new_
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the table as JSON here.")
 def tasks_command(task_files: tuple[Path, ...], data_dir: Path | None, json_out: Path | None) -> None:
     """List the built-in tasks (or the given task files): splits, sizes, choices and the val majority-class rate."""
-    from softprompt.tasks.superglue import TASKS, task_summary
+    from softprompt.tasks.registry import TASKS, task_summary
 
     try:
         tasks = [get_task(str(path)) for path in task_files] if task_files else list(TASKS.values())

@@ -34,7 +34,7 @@ from softprompt.core.forward import generate, prompt_keys_values
 from softprompt.core.prompt import embed_ids
 from softprompt.data.batch import Encoded, special_prefix
 from softprompt.eval.generation import normalize_answer
-from softprompt.tasks.superglue import Task
+from softprompt.tasks.registry import Task
 
 PLACEHOLDER = "{prompt}"
 FRAMES = (

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from softprompt.core.prompt import InitMethod
 from softprompt.io.runs import load_prompt, read_run
-from softprompt.tasks.superglue import get_task
+from softprompt.tasks.registry import get_task
 
 # First word of a Unicode character name -> script, where the two differ.
 SCRIPT_ALIASES = {"CJK": "Han", "IDEOGRAPHIC": "Han", "KANGXI": "Han", "FULLWIDTH": "Latin", "HALFWIDTH": "Katakana"}

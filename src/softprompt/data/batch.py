@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from softprompt.core.forward import Continuation
-from softprompt.tasks.superglue import Example
+from softprompt.tasks.registry import Example
 
 
 @dataclass(frozen=True)

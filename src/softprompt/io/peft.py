@@ -34,7 +34,7 @@ from softprompt.io.runs import (
     save_prompt,
     tensor_sha256,
 )
-from softprompt.tasks.superglue import TASKS
+from softprompt.tasks.registry import TASKS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

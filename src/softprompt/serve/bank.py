@@ -17,7 +17,7 @@ from softprompt.backbones.loading import Backbone
 from softprompt.core.forward import prompt_keys_values
 from softprompt.io.runs import tensor_sha256
 from softprompt.io.sources import load_prompt_source
-from softprompt.tasks.superglue import TASKS
+from softprompt.tasks.registry import TASKS
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 

@@ -26,7 +26,7 @@ from softprompt.serve.config import ServeConfig, TooLong
 from softprompt.serve.engine import Completion, CompletionJob, ScoreJob
 from softprompt.serve.middleware import authorize
 from softprompt.serve.schemas import ApiError, ClassifyRequest, CompletionRequest, TextInput
-from softprompt.tasks.superglue import DataError, Example, get_task, require
+from softprompt.tasks.registry import DataError, Example, get_task, require
 
 RETRY_AFTER_S = 1
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, Backbone, load_backbone, tokenizer_identity
 from softprompt.data.batch import Batch, bucketed_batches, encode
 from softprompt.eval.scoring import metrics, score
-from softprompt.eval.task_metrics import task_metrics
+from softprompt.eval.evaluate import evaluate
 from softprompt.analysis.interpret import nearest_tokens_in_model
 from softprompt.core.prompt import (
     InitMethod,
@@ -52,7 +52,7 @@ from softprompt.io.runs import (
     save_prompt,
 )
 from softprompt.io.sources import load_prompt_source
-from softprompt.tasks.superglue import DataError, Example, Task, get_task, load_examples
+from softprompt.tasks.registry import DataError, Example, Task, get_task, load_examples
 from softprompt.tasks.taskfile import data_files, split_name
 from softprompt.train import distributed
 from softprompt.flags import flag_help
@@ -377,7 +377,7 @@ def train(
     record["best_epoch"] = state.best_epoch
     # the saved prompt was scored on dev when it was best; checkpoints from before best_dev existed rescore it
     record["dev"] = state.best_dev or metrics(score(backbone, best.to(device), dev_items, config.eval_batch_size))
-    record["val"] = task_metrics(score(backbone, best.to(device), val_items, config.eval_batch_size), splits.val)
+    record["val"] = evaluate(backbone, best.to(device), task, splits.val, config.max_length, config.eval_batch_size)
     record["steps"] = state.step
     record["wall_s"] = round(time.time() - started, 1)
     record["status"] = "done"

@@ -1,12 +1,14 @@
-"""The built-in tasks (SuperGLUE's CB, RTE, COPA, WSC, WiC, MultiRC, BoolQ) and the task entry points.
+"""The registry of tasks: every `--task` value, a built-in name or the path of any task file, resolves here.
 
-Each built-in is a task file in `builtin/` (lm-evaluation-harness's YAML, read by `taskfile`); a
-`--task` value is a built-in name or the path of any task file. `get_task` and `load_examples` are
-what the rest of softprompt calls.
+The built-ins (SuperGLUE's CB, RTE, COPA, WSC, WiC, MultiRC, BoolQ) are task files in `builtin/`
+(lm-evaluation-harness's YAML, read by `taskfile`), named in the literal dict `TASKS`; any other task
+file works the same way. `get_task` and `load_examples` are what the rest of softprompt calls.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from softprompt.tasks.data import DATA_DIR_ENV, DataError, Example, read_jsonl, require, resolve_data_dir, short  # noqa: F401 - re-exported
@@ -50,12 +52,15 @@ def load_examples(task: Task, split: str, data_dir: str | Path | None = None) ->
     return load_task_examples(task, split, data_dir)
 
 
-def majority_rate(examples: list[Example]) -> float:
-    """Accuracy of always answering the most common label, in percent."""
-    counts: dict[int, int] = {}
-    for e in examples:
-        counts[e.label] = counts.get(e.label, 0) + 1
-    return 100.0 * max(counts.values()) / len(examples)
+def majority_rate(labels: Sequence[int]) -> float:
+    """Accuracy of always answering the most common label, in percent: `tasks` and the study both report it.
+
+    Raises:
+        ValueError: no labels (an empty split has no majority class).
+    """
+    if not labels:
+        raise ValueError("majority_rate needs at least one label; the split is empty")
+    return 100.0 * max(Counter(labels).values()) / len(labels)
 
 
 def task_summary(task: Task, data_dir: str | Path | None = None) -> dict:
@@ -73,7 +78,7 @@ def task_summary(task: Task, data_dir: str | Path | None = None) -> dict:
             continue
         sizes[split] = len(examples)
         if split == "val" and task.output_type.value == "multiple_choice":
-            majority = majority_rate(examples)
+            majority = majority_rate([e.label for e in examples])
     choices = task.choice_list
     return {
         "task": task.name,

@@ -1,0 +1,201 @@
+"""A study's config: the grid tasks x seeds, shared and per-task training keys, the stages' keys; TOML with every type checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from softprompt.backbones.loading import DEFAULT_MODEL
+from softprompt.core.prompt import InitMethod
+from softprompt.flags import flag_help
+from softprompt.tasks.registry import get_task
+from softprompt.train.loop import TrainConfig
+
+PER_RUN_KEYS = ("task", "seed")  # set by the study for each run, not in the config file
+SHARED_KEYS = ("model", "num_tokens", "device", "dtype")  # one backbone, prompts of one shape: never set per task
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN_KEYS)
+PER_TASK_KEYS = tuple(k for k in TRAIN_KEYS if k not in SHARED_KEYS)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A study: the grid tasks x seeds, the TrainConfig fields shared by every run, and evaluation choices.
+
+    In TOML every key sits at the top level: the study's own keys below, plus any TrainConfig field
+    except `task` and `seed` (`model`, `num_tokens`, `init`, `lr`, `epochs`, `patience`, ...). A
+    table `[per_task.<task>]` overrides training keys for one task (`init = "class-labels"`), all
+    but the ones that must be shared for prompts to be compared: `model`, `num_tokens`, `device`.
+    """
+
+    tasks: tuple[str, ...] = field(metadata=flag_help("Tasks to train, e.g. [\"cb\", \"rte\", \"copa\", \"wsc\"]."))
+    seeds: tuple[int, ...] = field(metadata=flag_help("Training seeds; one run per (task, seed)."))
+    train: dict[str, Any] = field(default_factory=dict, metadata=flag_help("TrainConfig fields shared by every run."))
+    per_task: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata=flag_help("Training keys for one task, overriding the shared ones: [per_task.rte] init = ...")
+    )
+    transfer_seed: int | None = field(
+        default=None, metadata=flag_help("Whose prompt stands for a task in transfer and similarity (default: the first seed).")
+    )
+    max_eval_examples: int | None = field(
+        default=None, metadata=flag_help("Score a seeded random subsample of each val split of this size (default: all of it).")
+    )
+    top_k: int = field(default=3, metadata=flag_help("Nearest tokens per prompt row."))
+    name: str = field(default="", metadata=flag_help("A title for the report."))
+    spot_steps: int = field(
+        default=16, metadata=flag_help("SPoT: optimizer steps for every (source -> target) run and its default-init twin; 0 turns SPoT off.")
+    )
+    probe_examples: int = field(
+        default=8, metadata=flag_help("ON similarity: val contexts per task in the fixed probe set; 0 leaves ON out.")
+    )
+    ablation_lengths: tuple[int, ...] = field(
+        default=(), metadata=flag_help("Lester's ablation: prompt lengths to train for every task x `ablation_inits` (one seed).")
+    )
+    ablation_inits: tuple[str, ...] = field(default=(), metadata=flag_help("Lester's ablation: inits, e.g. [\"text\", \"random\"]."))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if not self.tasks:
+            raise ValueError("study key `tasks` is empty; list at least one of cb, rte, copa, wsc")
+        for task in self.tasks:
+            get_task(task)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"study key `tasks` lists a task twice: {list(self.tasks)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study key `seeds` must list distinct integers, got {list(self.seeds)}")
+        if self.transfer_seed is not None and self.transfer_seed not in self.seeds:
+            raise ValueError(f"study key `transfer_seed` = {self.transfer_seed} is not one of `seeds` {list(self.seeds)}")
+        if self.max_eval_examples is not None and self.max_eval_examples < 1:
+            raise ValueError(f"study key `max_eval_examples` must be at least 1, got {self.max_eval_examples}")
+        if self.top_k < 1:
+            raise ValueError(f"study key `top_k` must be at least 1, got {self.top_k}")
+        self._check_stage_keys()
+        unknown = sorted(set(self.train) - set(TRAIN_KEYS))
+        if unknown:
+            raise ValueError(f"unknown training key(s) {unknown}; valid keys: {', '.join(TRAIN_KEYS)}")
+        for task, overrides in self.per_task.items():
+            if task not in self.tasks:
+                raise ValueError(f"[per_task.{task}] names a task that is not in `tasks` {list(self.tasks)}")
+            bad = sorted(set(overrides) - set(PER_TASK_KEYS))
+            if bad:
+                raise ValueError(f"[per_task.{task}] cannot set {bad}; per-task keys: {', '.join(PER_TASK_KEYS)}")
+        for task in self.tasks:
+            try:
+                self.train_config(task, self.seeds[0])
+            except ValueError as e:  # TrainConfig names the CLI flag (--lr); name the TOML key (lr) instead
+                where = f"[per_task.{task}]: " if task in self.per_task else ""
+                raise ValueError(where + re.sub(r"--([a-z-]+)", lambda m: f"`{m.group(1).replace('-', '_')}`", str(e))) from None
+
+    def _check_stage_keys(self) -> None:
+        object.__setattr__(self, "ablation_lengths", tuple(self.ablation_lengths))
+        object.__setattr__(self, "ablation_inits", tuple(self.ablation_inits))
+        for key in ("spot_steps", "probe_examples"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"study key `{key}` must be 0 (off) or more, got {getattr(self, key)}")
+        if bool(self.ablation_lengths) != bool(self.ablation_inits):
+            raise ValueError("study keys `ablation_lengths` and `ablation_inits` go together; set both or neither")
+        if any(n < 1 for n in self.ablation_lengths):
+            raise ValueError(f"study key `ablation_lengths` must list lengths >= 1, got {list(self.ablation_lengths)}")
+        valid = [m.value for m in InitMethod if m is not InitMethod.PROMPT]
+        bad = [i for i in self.ablation_inits if i not in valid]
+        if bad:
+            raise ValueError(f"study key `ablation_inits` has {bad}; choose from {', '.join(valid)}")
+
+    @property
+    def model(self) -> str:
+        return self.train.get("model", DEFAULT_MODEL)
+
+    @property
+    def representative_seed(self) -> int:
+        return self.seeds[0] if self.transfer_seed is None else self.transfer_seed
+
+    def train_config(self, task: str, seed: int) -> TrainConfig:
+        """A run's config; its val report uses the study's eval subsample (`max_val_examples`) unless a key sets another."""
+        keys = {"max_val_examples": self.max_eval_examples, **self.train, **self.per_task.get(task, {})}
+        return TrainConfig(task=task, seed=seed, **keys)
+
+    def to_json(self) -> dict:
+        study = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
+        study.update(tasks=list(self.tasks), seeds=list(self.seeds), ablation_lengths=list(self.ablation_lengths),
+                     ablation_inits=list(self.ablation_inits))
+        study["per_task"] = {
+            task: {k: v for k, v in self.train_config(task, self.seeds[0]).to_json().items() if k in overrides}
+            for task, overrides in self.per_task.items()
+        }
+        shared = TrainConfig(task=self.tasks[0], seed=self.seeds[0], **self.train).to_json()
+        return {**study, **{k: shared[k] for k in TRAIN_KEYS}}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "study config") -> StudyConfig:
+        """Build from flat TOML keys, checking each key's type.
+
+        Raises:
+            ValueError: unknown key, wrong type or invalid value; the message names the key and `source`.
+        """
+        own = {f.name for f in dataclasses.fields(cls)} - {"train", "per_task"}
+        data = dict(data)
+        per_task = data.pop("per_task", {})
+        if not isinstance(per_task, dict) or not all(isinstance(t, dict) for t in per_task.values()):
+            raise ValueError(f"{source}: `per_task` must be tables like [per_task.rte], got {per_task!r}")
+        unknown = sorted(set(data) - own - set(TRAIN_KEYS))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(own | set(TRAIN_KEYS)))}")
+        for key in ("tasks", "seeds"):
+            if key not in data:
+                raise ValueError(f"{source}: missing key `{key}`")
+        hints = typing.get_type_hints(cls) | typing.get_type_hints(TrainConfig)
+        for key, value in data.items():
+            _check_type(key, value, hints[key], source)
+        for task, overrides in per_task.items():
+            for key, value in overrides.items():
+                if key in hints and key in TRAIN_KEYS:
+                    _check_type(key, value, hints[key], f"{source} [per_task.{task}]")
+        kwargs = {k: v for k, v in data.items() if k in own}
+        try:
+            return cls(**kwargs, train={k: v for k, v in data.items() if k in TRAIN_KEYS}, per_task=per_task)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> StudyConfig:
+        """Load a study config file.
+
+        Raises:
+            FileNotFoundError: no such file. ValueError: bad TOML or a bad key (file and key named).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"study config not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        return cls.from_dict(data, str(path))
+
+
+def _check_type(key: str, value: Any, hint: Any, source: str) -> None:
+    """Raise a ValueError naming `key` when a TOML value does not fit the field's type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    allowed = [a for a in args if a is not type(None)] if origin in (typing.Union, types.UnionType) else [hint]
+    for kind in allowed:
+        base = typing.get_origin(kind) or kind
+        if base is tuple and isinstance(value, list):
+            inner = typing.get_args(kind)[0]
+            if all(isinstance(v, inner) and not (inner is int and isinstance(v, bool)) for v in value):
+                return
+        elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        elif base is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        elif isinstance(base, type) and issubclass(base, str) and isinstance(value, str):
+            return
+        elif base is bool and isinstance(value, bool):
+            return
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ValueError(f"{source}: key `{key}` must be {names}, got {value!r}")
