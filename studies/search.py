@@ -17,7 +17,8 @@ from softprompt.backbones.loading import load_backbone
 from softprompt.io.runs import is_done, read_run
 from softprompt.report.paper import MAJORITY_CLASS as MAJORITY
 from softprompt.report.paper import ZERO_SHOT_SMOLLM2 as ZERO_SHOT
-from softprompt.train.loop import TrainConfig, train
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import train
 
 
 def main() -> None:

@@ -18,7 +18,9 @@ from softprompt.data.batch import encode
 from softprompt.eval.scoring import score
 from softprompt.io.runs import RUN_FILE, load_prompt
 from softprompt.tasks.superglue import get_task, load_examples
-from softprompt.train.loop import TrainConfig, check_resume_dtype, train
+from softprompt.train.config import TrainConfig
+from softprompt.io.runs import check_resume_dtype
+from softprompt.train.loop import train
 
 SUM_LOGPROB_ATOL = 0.15
 

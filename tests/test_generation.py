@@ -12,7 +12,8 @@ import softprompt.core.forward as forward
 from softprompt.cli import app
 from softprompt.eval.generation import cut_at, exact_match, generation_metrics, normalize_answer, token_f1
 from softprompt.tasks.superglue import Example, get_task, load_examples
-from softprompt.train.loop import TrainConfig, train
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import train
 
 HAS_GENERATE = hasattr(forward, "generate")  # core.forward.generate comes with the forward branch's "Forward API"
 

@@ -17,7 +17,8 @@ from softprompt.core.prompt import (
 )
 from softprompt.core.forward import logits_at
 from softprompt.tasks.superglue import TASKS
-from softprompt.train.loop import COMMON_TOKENS, TrainConfig, initial_prompt
+from softprompt.train.loop import COMMON_TOKENS, initial_prompt
+from softprompt.train.config import TrainConfig
 
 
 def numbered_rows(n: int, hidden: int = 3) -> torch.Tensor:

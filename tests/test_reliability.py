@@ -36,7 +36,8 @@ from softprompt.io.runs import (
     save_checkpoint,
     save_prompt,
 )
-from softprompt.train.loop import TrainConfig, TrainingDiverged, train
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import TrainingDiverged, train
 
 from conftest import FIXTURE_DATA
 

@@ -16,7 +16,10 @@ from softprompt.data.batch import encode, train_batch
 from softprompt.eval.scoring import metrics, score
 from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_prompt
 from softprompt.tasks.superglue import TASKS, load_examples
-from softprompt.train.loop import TrainConfig, TrainingDiverged, config_differences, initial_prompt, loss_step, make_splits, train, val_subsample
+from softprompt.train.config import TrainConfig, load_train_task
+from softprompt.train.loop import TrainingDiverged, initial_prompt, loss_step, train
+from softprompt.io.runs import config_differences
+from softprompt.data.splits import make_splits, val_subsample
 
 # 24 train rows per task in the fixture: a dev slice of 6, 18 left to train on.
 TINY = dict(num_tokens=4, lr=0.3, epochs=1, min_dev_examples=6, batch_size=8, device="cpu")
@@ -167,16 +170,16 @@ def test_patience_counts_epochs_without_improvement(tiny_backbone, data_dir, tmp
 
 def test_splits_are_stratified_disjoint_and_seeded_by_data_seed(data_dir):
     task = TASKS["cb"]
-    splits = make_splits(task, tiny_config(min_dev_examples=6), data_dir)
+    splits = make_splits(task, data_dir, **tiny_config(min_dev_examples=6).split_options())
     assert (len(splits.train), len(splits.dev), len(splits.val)) == (18, 6, 6)
     assert sorted(e.label for e in splits.dev) == [0, 0, 1, 1, 2, 2]
     assert not {e.text for e in splits.train} & {e.text for e in splits.dev}
     assert {e.text for e in splits.train} | {e.text for e in splits.dev} == {e.text for e in load_examples(task, "train", data_dir)}
-    same = make_splits(task, tiny_config(seed=5), data_dir)  # the training seed does not move the dev slice
-    other = make_splits(task, tiny_config(data_seed=5), data_dir)
+    same = make_splits(task, data_dir, **tiny_config(seed=5).split_options())  # the training seed does not move the dev slice
+    other = make_splits(task, data_dir, **tiny_config(data_seed=5).split_options())
     assert [e.text for e in same.dev] == [e.text for e in splits.dev]
     assert {e.text for e in other.dev} != {e.text for e in splits.dev}
-    small = make_splits(task, tiny_config(max_train_examples=6), data_dir)
+    small = make_splits(task, data_dir, **tiny_config(max_train_examples=6).split_options())
     assert sorted(e.label for e in small.train) == [0, 0, 1, 1, 2, 2]
     assert [e.text for e in small.dev] == [e.text for e in splits.dev]
 
@@ -185,8 +188,8 @@ def test_dev_and_val_subsamples_are_seeded_and_held_out(data_dir):
     """--max-dev-examples keeps a stratified part of the dev slice (the rest is not trained on);
     --max-val-examples keeps the very examples a study's `max_eval_examples` scores, in file order."""
     task = TASKS["cb"]
-    full = make_splits(task, tiny_config(min_dev_examples=6), data_dir)
-    cut = make_splits(task, tiny_config(min_dev_examples=6, max_dev_examples=3, max_val_examples=4), data_dir)
+    full = make_splits(task, data_dir, **tiny_config(min_dev_examples=6).split_options())
+    cut = make_splits(task, data_dir, **tiny_config(min_dev_examples=6, max_dev_examples=3, max_val_examples=4).split_options())
     assert sorted(e.label for e in cut.dev) == [0, 1, 2]
     assert {e.text for e in cut.dev} < {e.text for e in full.dev}
     assert [e.text for e in cut.train] == [e.text for e in full.train]
@@ -195,7 +198,7 @@ def test_dev_and_val_subsamples_are_seeded_and_held_out(data_dir):
     assert [val.index(e) for e in cut.val] == sorted(val.index(e) for e in cut.val)
     assert val_subsample(val, 100, 0) == val
     with pytest.raises(ValueError, match=r"--max-dev-examples 2: cannot draw a stratified subsample of 6 examples"):
-        make_splits(task, tiny_config(min_dev_examples=6, max_dev_examples=2), data_dir)
+        make_splits(task, data_dir, **tiny_config(min_dev_examples=6, max_dev_examples=2).split_options())
 
 
 def test_a_field_missing_from_an_older_run_counts_as_its_default():
@@ -210,7 +213,7 @@ def test_a_field_missing_from_an_older_run_counts_as_its_default():
 
 def test_too_few_examples_for_the_dev_slice(data_dir):
     with pytest.raises(ValueError, match=r"cb has 24 train examples, too few for a dev slice of 32"):
-        make_splits(TASKS["cb"], TrainConfig(task="cb"), data_dir)
+        make_splits(TASKS["cb"], data_dir, **TrainConfig(task="cb").split_options())
 
 
 @pytest.mark.parametrize(
@@ -239,11 +242,13 @@ def test_config_errors_name_the_flag(field, value, message):
         TrainConfig(task="cb", **{field: value})
 
 
-def test_config_rejects_unknown_task_and_init():
+def test_config_rejects_unknown_task_and_init(tmp_path):
+    # the task is checked where it is loaded (TrainConfig reads no files): before any model loads or anything is written
     with pytest.raises(ValueError, match="unknown task 'record'; choose one of: cb, rte, copa, wsc, wic, multirc, boolq"):
-        TrainConfig(task="record")
+        train(TrainConfig(task="record"), tmp_path / "run")
     with pytest.raises(ValueError, match=r"--task boolq: task boolq has no train split: .*boolq\.yaml sets no training_split"):
-        TrainConfig(task="boolq")  # evaluation only: the release here has no BoolQ/train.jsonl
+        load_train_task("boolq")  # evaluation only: the release here has no BoolQ/train.jsonl
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="--init must be one of text, class-labels, vocab, random, prompt, got 'words'"):
         TrainConfig(task="cb", init="words")
 

@@ -26,7 +26,8 @@ from softprompt.study.executors import ExecutorConfig
 from softprompt.serve.config import ServeConfig
 from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
 from softprompt.train import distributed
-from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
+from softprompt.train.config import TrainConfig, config_from_run
+from softprompt.train.loop import TrainingDiverged, train
 
 
 def _click_type(annotation) -> tuple[object, bool]:

@@ -42,7 +42,8 @@ from softprompt.core.prompt import InitMethod, embed_text
 from softprompt.io.runs import atomic_write_json, load_prompt, read_run, tensor_sha256
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs, worker_backbone
 from softprompt.tasks.superglue import get_task, is_task_file, load_examples
-from softprompt.train.loop import TrainConfig, val_subsample
+from softprompt.train.config import TrainConfig, load_train_task
+from softprompt.data.splits import val_subsample
 from softprompt.flags import flag_help
 
 RESULTS_FILE = "results.json"
@@ -119,6 +120,7 @@ class StudyConfig:
                 raise ValueError(f"[per_task.{task}] cannot set {bad}; per-task keys: {', '.join(PER_TASK_KEYS)}")
         for task in self.tasks:
             try:
+                load_train_task(task)  # a task without a train split is refused before anything trains
                 self.train_config(task, self.seeds[0])
             except ValueError as e:  # TrainConfig names the CLI flag (--lr); name the TOML key (lr) instead
                 where = f"[per_task.{task}]: " if task in self.per_task else ""

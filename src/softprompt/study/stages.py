@@ -28,7 +28,8 @@ from softprompt.core.prompt import InitMethod
 from softprompt.data.batch import Encoded, pad
 from softprompt.eval.scoring import Scores
 from softprompt.io.runs import RUN_FILE, is_done, load_prompt, read_run
-from softprompt.train.loop import SNAPSHOT_DIR, TrainConfig, config_differences
+from softprompt.io.runs import SNAPSHOT_DIR, config_differences
+from softprompt.train.config import TrainConfig
 
 RESULT_NEUTRAL_KEYS = ("device", "eval_batch_size")
 
