@@ -30,12 +30,12 @@ from softprompt.io.runs import (
     atomic_write_json,
     is_done,
     load_checkpoint,
-    load_finished_run,
     load_prompt,
     read_run,
     save_checkpoint,
     save_prompt,
 )
+from softprompt.io.sources import load_prompt_source
 from softprompt.train.config import TrainConfig
 from softprompt.train.loop import TrainingDiverged, train
 
@@ -186,7 +186,7 @@ def test_a_half_written_run_is_not_done_and_is_refused(tmp_path, tiny_backbone, 
     assert read_run(out)["status"] == "running" and (out / PROMPT_FILE).is_file()
     assert not is_done(out)
     with pytest.raises(RunNotFinished, match=rf"{re.escape(str(out))} is not a finished run \(status 'running'\)"):
-        load_finished_run(out)
+        load_prompt_source(out)
     result = CliRunner().invoke(app, ["evaluate", "--task", "cb", "--prompt", str(out)])
     assert result.exit_code == 2 and "is not a finished run" in result.output
     load_prompt(out / PROMPT_FILE)  # the file itself is still there for whoever asks for it by name

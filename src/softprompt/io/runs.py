@@ -261,26 +261,6 @@ def is_done(run_dir: Path) -> bool:
     except (FileNotFoundError, ValueError):
         return False
 
-def load_finished_run(run_dir: Path, hidden_size: int | None = None) -> tuple[dict, Tensor, dict[str, str]]:
-    """A finished run's record and verified best prompt: (run.json, `[P, H]` prompt, prompt header).
-
-    Analyses and reports read runs through this, so a crashed or running run is never used.
-
-    Raises:
-        RunNotFinished: run.json status is not `done` (running, killed, diverged).
-        FileNotFoundError, ValueError, PromptFileError: as `read_run` and `load_prompt`.
-    """
-    record = read_run(run_dir)
-    status = record.get("status")
-    if status != "done":
-        raise RunNotFinished(
-            f"{run_dir} is not a finished run (status {status!r}); resume it with "
-            f"`softprompt train --resume {run_dir}`, or pass {Path(run_dir) / PROMPT_FILE} to use its last best prompt anyway"
-        )
-    prompt, metadata = load_prompt(Path(run_dir) / PROMPT_FILE, hidden_size)
-    return record, prompt, metadata
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
