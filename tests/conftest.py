@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.backbones.loading import Backbone, load_tokenizer, model_from_config
+from softprompt.backbones.loading import Backbone
+from factories import load_tokenizer, model_from_config
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "superglue"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"

@@ -18,11 +18,10 @@ from softprompt.backbones.loading import (
     gguf_source,
     cache_root,
     load_backbone,
-    load_tokenizer,
-    model_from_config,
     preset_gguf_path,
     resolve_device,
 )
+from factories import load_tokenizer, model_from_config
 from conftest import ARCHITECTURES, TINY_CONFIGS
 
 

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
-from softprompt.backbones.loading import load_backbone, model_from_config, tokenizer_identity
+from softprompt.backbones.loading import load_backbone, tokenizer_identity
+from factories import model_from_config
 from softprompt.cli import app
 from softprompt.io.runs import PROMPT_FILE, PromptFileError, save_prompt
 from softprompt.io.sources import check_tokenizer, load_prompt_source

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY_CONFIGS
-from softprompt.backbones.loading import model_from_config
+from factories import model_from_config
 from softprompt.cli import app
 from softprompt.io.runs import PROMPT_FILE, RUN_FILE
 from softprompt.train.config import TrainConfig

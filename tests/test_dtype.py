@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import FIXTURE_DATA, TINY_CONFIGS
-from softprompt.backbones.loading import model_from_config, resolve_dtype
+from softprompt.backbones.loading import resolve_dtype
+from factories import model_from_config
 from softprompt.core.forward import logits_at
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import score

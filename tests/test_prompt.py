@@ -103,7 +103,7 @@ def test_random_init_is_uniform_in_half_unit():
 def test_embed_ids_goes_through_the_embedding_module(tokenizer):
     """Gemma scales its embeddings by sqrt(hidden): reading `.weight` directly would be wrong by 4x here."""
     from conftest import TINY_CONFIGS
-    from softprompt.backbones.loading import model_from_config
+    from factories import model_from_config
 
     model = model_from_config(TINY_CONFIGS["gemma"], tokenizer).model
     ids = [5, 17, 5]

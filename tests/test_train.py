@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, TINY_CONFIGS
-from softprompt.backbones.loading import model_from_config
+from factories import model_from_config
 from softprompt.data.batch import encode, train_batch
 from softprompt.eval.scoring import metrics, score
 from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_prompt
