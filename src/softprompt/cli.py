@@ -14,14 +14,14 @@ import click
 from click.core import ParameterSource
 
 from softprompt.flags import HELP_KEY
-from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, load_backbone, tokenizer_identity
+from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, load_backbone
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import PromptMode, score
 from softprompt.eval.generation import generate_texts, generation_metrics
 from softprompt.eval.task_metrics import task_metrics
 from softprompt.core.prompt import embed_text
 from softprompt.io.runs import atomic_write_json, read_run
-from softprompt.io.sources import check_tokenizer, load_prompt_source
+from softprompt.io.sources import load_prompt_source
 from softprompt.study.executors import ExecutorConfig
 from softprompt.serve.config import ServeConfig
 from softprompt.tasks.superglue import DATA_DIR_ENV, DataError, get_task, load_examples
@@ -167,10 +167,7 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, li
         source = load_prompt_source(prompt_path) if prompt_path is not None else None
         backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device, dtype)
         if mode is PromptMode.SOFT:
-            source = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size)
-            identity = tokenizer_identity(backbone.tokenizer)
-            check_tokenizer(source, int(identity["vocab_size"]), identity["tokenizer_sha256"], backbone.name)
-            prompt = source.prompt
+            prompt = load_prompt_source(prompt_path, backbone=backbone).prompt  # every check: hidden size, tokenizer, ...
         elif mode is PromptMode.TEXT:
             prompt = embed_text(backbone.model, backbone.tokenizer, task_.init_text)
         else:
@@ -220,7 +217,7 @@ def generate_command(prompt_path, no_prompt, texts, task, split, limit, max_new_
         examples = load_examples(task_, split, data_dir)[:limit] if task_ else []
         source = load_prompt_source(prompt_path) if prompt_path is not None else None
         backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device)
-        prompt = None if source is None else load_prompt_source(prompt_path, hidden_size=backbone.hidden_size).prompt
+        prompt = None if source is None else load_prompt_source(prompt_path, backbone=backbone).prompt
         until = task_.until if task_ else ("\n\n",)
         new = max_new_tokens or (task_.max_gen_toks if task_ else 32)
         outputs = generate_texts(backbone, prompt, list(texts) or [e.text for e in examples], new, until, max_length)

@@ -179,7 +179,7 @@ def initial_prompt(backbone: Backbone, task: Task, config: TrainConfig, generato
     """The `[P, H]` starting prompt for `config.init`."""
     model, tokenizer, n = backbone.model, backbone.tokenizer, config.num_tokens
     if config.init is InitMethod.PROMPT:
-        source = load_prompt_source(Path(config.init_from), hidden_size=backbone.hidden_size).prompt
+        source = load_prompt_source(Path(config.init_from), backbone=backbone).prompt  # every check, the tokenizer's too
         return from_prompt(source, n, backbone.hidden_size, f"--init-from {config.init_from}")
     if config.init is InitMethod.RANDOM:
         return random_uniform(n, backbone.hidden_size, generator)
