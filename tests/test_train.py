@@ -186,7 +186,7 @@ def test_splits_are_stratified_disjoint_and_seeded_by_data_seed(data_dir):
 
 def test_dev_and_val_subsamples_are_seeded_and_held_out(data_dir):
     """--max-dev-examples keeps a stratified part of the dev slice (the rest is not trained on);
-    --max-val-examples keeps the very examples a study's `max_eval_examples` scores, in file order."""
+    --max-val-examples keeps the very examples a study with that `max_val_examples` scores, in file order."""
     task = TASKS["cb"]
     full = make_splits(task, data_dir, **tiny_config(min_dev_examples=6).split_options())
     cut = make_splits(task, data_dir, **tiny_config(min_dev_examples=6, max_dev_examples=3, max_val_examples=4).split_options())

@@ -75,9 +75,6 @@ class StudyConfig:
     transfer_seed: int | None = field(
         default=None, metadata=flag_help("Whose prompt stands for a task in transfer and similarity (default: the first seed).")
     )
-    max_eval_examples: int | None = field(
-        default=None, metadata=flag_help("Score a seeded random subsample of each val split of this size (default: all of it).")
-    )
     top_k: int = field(default=3, metadata=flag_help("Nearest tokens per prompt row."))
     name: str = field(default="", metadata=flag_help("A title for the report."))
     spot_steps: int = field(
@@ -104,8 +101,6 @@ class StudyConfig:
             raise ValueError(f"study key `seeds` must list distinct integers, got {list(self.seeds)}")
         if self.transfer_seed is not None and self.transfer_seed not in self.seeds:
             raise ValueError(f"study key `transfer_seed` = {self.transfer_seed} is not one of `seeds` {list(self.seeds)}")
-        if self.max_eval_examples is not None and self.max_eval_examples < 1:
-            raise ValueError(f"study key `max_eval_examples` must be at least 1, got {self.max_eval_examples}")
         if self.top_k < 1:
             raise ValueError(f"study key `top_k` must be at least 1, got {self.top_k}")
         self._check_stage_keys()
@@ -150,8 +145,8 @@ class StudyConfig:
         return self.seeds[0] if self.transfer_seed is None else self.transfer_seed
 
     def train_config(self, task: str, seed: int) -> TrainConfig:
-        """A run's config; its val report uses the study's eval subsample (`max_val_examples`) unless a key sets another."""
-        keys = {"max_val_examples": self.max_eval_examples, **self.train, **self.per_task.get(task, {})}
+        """A run's config: the shared training keys, then the task's own."""
+        keys = {**self.train, **self.per_task.get(task, {})}
         return TrainConfig(task=task, seed=seed, **keys)
 
     def to_json(self) -> dict:
@@ -177,6 +172,11 @@ class StudyConfig:
         per_task = data.pop("per_task", {})
         if not isinstance(per_task, dict) or not all(isinstance(t, dict) for t in per_task.values()):
             raise ValueError(f"{source}: `per_task` must be tables like [per_task.rte], got {per_task!r}")
+        if "max_eval_examples" in data or any("max_eval_examples" in t for t in per_task.values()):
+            raise ValueError(
+                f"{source}: key `max_eval_examples` is now `max_val_examples` (the same seeded random subsample of each "
+                "val split, which every run reports on and the study scores); rename it"
+            )
         unknown = sorted(set(data) - own - set(TRAIN_KEYS))
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(own | set(TRAIN_KEYS)))}")
@@ -274,7 +274,7 @@ def train_all(
 
 
 def eval_items(task: str, config: StudyConfig, tokenizer, data_dir: str | Path | None) -> list[Encoded]:
-    """The task's val split as its runs report it (`max_val_examples`, which `max_eval_examples` sets), encoded."""
+    """The task's val split as its runs report it (their `max_val_examples` subsample), encoded."""
     train_config = config.train_config(task, config.seeds[0])
     examples = val_subsample(load_examples(get_task(task), "val", data_dir), train_config.max_val_examples, train_config.data_seed)
     return [encode(tokenizer, e, train_config.max_length) for e in examples]
@@ -572,7 +572,7 @@ def _protocol(config: StudyConfig, records: dict[str, dict], items: dict[str, li
     for task in config.tasks:
         record = next((r for r in records.values() if r["task"] == task), None)
         data[task] = {**(record["data"] if record else {}), "eval": len(items[task])}
-    return {"splits": data, "max_eval_examples": config.max_eval_examples, "representative_seed": config.representative_seed}
+    return {"splits": data, "max_val_examples": config.train.get("max_val_examples"), "representative_seed": config.representative_seed}
 
 
 def _run_summary(name: str, record: dict | None, status: str) -> dict:

@@ -51,7 +51,7 @@ class TrainConfig:
         default=None, metadata=flag_help("Score a stratified subsample of the dev slice of this size each epoch (still held out of train).")
     )
     max_val_examples: int | None = field(
-        default=None, metadata=flag_help("Report on a seeded random subsample of val of this size (a study passes its max_eval_examples).")
+        default=None, metadata=flag_help("Report on a seeded random subsample of val of this size, in file order (drawn with --data-seed; a study scores the same examples).")
     )
     early_stop_on: EarlyStopSplit = field(default=EarlyStopSplit.DEV, metadata=flag_help("Split for early stopping."))
     max_length: int = field(default=256, metadata=flag_help("Longest input in tokens; longer contexts lose their start."))
