@@ -14,11 +14,10 @@ from conftest import ARCHITECTURES, TINY_CONFIGS
 from factories import model_from_config
 from softprompt.data.batch import encode, train_batch
 from softprompt.eval.scoring import metrics, score
-from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_prompt
+from softprompt.io.runs import CHECKPOINT_FILE, PROMPT_FILE, RUN_FILE, RunWriter, config_differences, load_prompt
 from softprompt.tasks.superglue import TASKS, load_examples
 from softprompt.train.config import TrainConfig, load_train_task
 from softprompt.train.loop import TrainingDiverged, initial_prompt, loss_step, train
-from softprompt.io.runs import config_differences
 from softprompt.data.splits import make_splits, val_subsample
 
 # 24 train rows per task in the fixture: a dev slice of 6, 18 left to train on.
@@ -271,3 +270,20 @@ def test_run_records_the_token_each_row_started_on(tiny_backbone, data_dir, tmp_
     if init == "class-labels":  # the verbalizers come first
         labels = [tiny_backbone.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in TASKS["cb"].label_words]
         assert record["init_ids"][: len(labels)] == labels
+
+
+def test_run_writer_writes_only_where_it_writes(tmp_path):
+    """Data-parallel: every rank but 0 gets RunWriter(writes=False), which leaves the folder alone."""
+    for writes, folder in ((False, tmp_path / "rank1"), (True, tmp_path / "rank0")):
+        writer = RunWriter(folder, writes=writes)
+        writer.save_prompt(torch.ones(2, 3), {"task": "cb"})
+        writer.save_prompt(torch.ones(2, 3), {"task": "cb"}, "snapshots/epoch-0000.safetensors")
+        writer.save_checkpoint({"prompt": torch.ones(2, 3)}, {"step": 1})
+        writer.write_record({"status": "running"})
+    assert not (tmp_path / "rank1").exists()
+    assert sorted(str(p.relative_to(tmp_path / "rank0")) for p in (tmp_path / "rank0").rglob("*.*")) == [
+        CHECKPOINT_FILE, PROMPT_FILE, RUN_FILE, "snapshots/epoch-0000.safetensors"]
+    RunWriter(tmp_path / "rank0", writes=False).remove_checkpoint()
+    assert (tmp_path / "rank0" / CHECKPOINT_FILE).is_file()
+    RunWriter(tmp_path / "rank0").remove_checkpoint()
+    assert not (tmp_path / "rank0" / CHECKPOINT_FILE).exists()
