@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.backbones.loading import Backbone, load_tokenizer, model_from_config
+from softprompt.backbones.loading import Backbone
+from factories import load_tokenizer, model_from_config
 
 FIXTURE_DATA = Path(__file__).parent / "fixtures" / "superglue"
 # The full SuperGLUE release: where `make test` points SOFTPROMPT_DATA_DIR, else ../shared/data/superglue.

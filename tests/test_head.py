@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_CONFIGS
 from naive import full_logits
-from softprompt.backbones.loading import model_from_config
+from factories import model_from_config
 from softprompt.core.forward import logits_at
 
 _SMALL = dict(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_CONFIGS
 from naive import greedy_continuation, naive_logprobs
-from softprompt.backbones.loading import model_from_config
+from factories import model_from_config
 from softprompt.core.forward import generate, prompt_keys_values, sliding_window
 from softprompt.data.batch import Encoded
 from softprompt.eval import scoring
