@@ -20,7 +20,7 @@ from softprompt.cli import app
 from softprompt.eval.scoring import Scores
 from softprompt.report.html import FIGURES, write_report
 from softprompt.study.pipeline import StudyConfig, run_study
-from softprompt.study.results import task_evaluation
+from softprompt.study.results import accuracy_intervals, task_evaluation
 from softprompt.tasks.data import Example
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
@@ -307,3 +307,23 @@ def test_study_evaluation_has_multirc_f1a_and_em():
     assert (seed["accuracy"], seed["f1a"], seed["em"], seed["groups"]) == (75.0, pytest.approx(80.0), 50.0, 2)
     assert (result["no_prompt"]["accuracy"], result["no_prompt"]["f1a"], result["no_prompt"]["em"]) == (25.0, 0.0, 0.0)
     assert (result["text_prompt"]["f1a"], result["text_prompt"]["em"]) == (pytest.approx(600 / 7), 50.0)
+
+
+def test_paired_tests_and_per_seed_verdicts_on_hand_made_scores():
+    """10 examples, majority class 50%. No prompt gets only example 9 right; seeds 0 and 2 get all but example 9; seed 1 copies no prompt."""
+    labels = [1] * 5 + [0] * 5
+    none = [0] * 5 + [1] * 4 + [0]
+    good = labels[:9] + [1]
+    scores = {"none": scores_predicting(none, labels), "text-cb": scores_predicting(labels, labels),
+              "cb-s0": scores_predicting(good, labels), "cb-s1": scores_predicting(none, labels), "cb-s2": scores_predicting(good, labels)}
+    out = accuracy_intervals(scores, ["cb-s0", "cb-s1", "cb-s2"], torch.tensor(labels), majority=50.0)
+    assert out["baseline"] == 50.0  # max(no prompt 10, majority 50)
+    s0, s1 = out["paired"]["cb-s0"], out["paired"]["cb-s1"]
+    # seed 0: 9 examples only it gets right, 1 only no prompt: p = 2 * (1 + 10) / 2^10
+    assert (s0["prompt_only"], s0["baseline_only"], s0["mcnemar_p"], s0["difference"]) == (9, 1, pytest.approx(22 / 1024), pytest.approx(80.0))
+    assert (s1["prompt_only"], s1["baseline_only"], s1["mcnemar_p"], s1["difference"]) == (0, 0, 1.0, 0.0)
+    ensemble = out["paired"]["ensemble"]  # the majority vote of the three is seed 0's prediction
+    assert (ensemble["prompt_only"], ensemble["baseline_only"]) == (9, 1)
+    verdict = out["verdict"]
+    assert verdict["seeds"] == {"cb-s0": True, "cb-s1": False, "cb-s2": True}
+    assert (verdict["passing"], verdict["failing"], verdict["every_seed"]) == (["cb-s0", "cb-s2"], ["cb-s1"], False)
