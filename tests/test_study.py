@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import FIXTURE_DATA
+from conftest import FIXTURE_DATA, SHARED_DATA
 from softprompt.cli import app
 from softprompt.eval.scoring import Scores
 from softprompt.report.html import FIGURES, write_report
@@ -182,6 +182,15 @@ def test_every_study_config_loads(path):
     assert set(config.tasks) <= {"cb", "rte", "copa", "wsc", "wic", "multirc"} and config.seeds
 
 
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data/superglue")
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_every_study_budget_fits_the_whole_superglue_splits(path):
+    from softprompt.study.budget import check_budgets
+
+    sizes = check_budgets(StudyConfig.from_toml(path), SHARED_DATA)
+    assert sizes.get("cb", {"val": 56})["val"] == 56  # the real CB val split, not the fixture's
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [({"spot_steps": -1}, "`spot_steps` must be 0 \\(off\\) or more, got -1"),
@@ -327,3 +336,28 @@ def test_paired_tests_and_per_seed_verdicts_on_hand_made_scores():
     verdict = out["verdict"]
     assert verdict["seeds"] == {"cb-s0": True, "cb-s1": False, "cb-s2": True}
     assert (verdict["passing"], verdict["failing"], verdict["every_seed"]) == (["cb-s0", "cb-s2"], ["cb-s1"], False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"max_train_examples": 21}, "`max_train_examples` = 21 does not fit: cb's train split after the dev slice has 20 examples"),
+     ({"per_task": {"rte": {"max_train_examples": 64}}}, r"\[per_task.rte\] `max_train_examples` = 64 does not fit: rte's train split after the dev slice has 20"),
+     ({"max_eval_examples": 7}, "`max_eval_examples` = 7 does not fit: cb's val split has 6 examples; set it to 6 or less"),
+     ({"max_eval_examples": None, "max_val_examples": 9}, "`max_val_examples` = 9 does not fit: cb's val split has 6 examples"),
+     ({"per_task": {"rte": {"max_val_examples": 9}}}, r"\[per_task.rte\] `max_val_examples` = 9 does not fit: rte's val split has 8 examples")],
+    ids=["train", "train-per-task", "eval", "val", "val-per-task"],
+)
+def test_budget_that_cannot_fit_is_refused_before_training(change, message, tiny_model_dir, tmp_path):
+    # the fixture's CB and RTE: 24 train examples, a dev slice of 4 (min_dev_examples), so 20 to train on; val 6 and 8
+    data = dict(tasks=["cb", "rte"], seeds=[0], model=str(tiny_model_dir), max_eval_examples=5, min_dev_examples=4, device="cpu")
+    config = StudyConfig.from_dict({k: v for k, v in (data | change).items() if v is not None})
+    with pytest.raises(ValueError, match=message):
+        run_study(config, tmp_path / "study", data_dir=FIXTURE_DATA, progress=False, echo=lambda _: None)
+    assert not (tmp_path / "study").exists()  # nothing trained, nothing written
+
+
+def test_budget_that_fits_exactly_is_accepted():
+    from softprompt.study.budget import check_budgets
+
+    config = StudyConfig.from_dict(dict(tasks=["cb"], seeds=[0], max_train_examples=20, max_eval_examples=6, min_dev_examples=4))
+    assert check_budgets(config, FIXTURE_DATA) == {"cb": {"train": 20, "dev": 4, "val": 6}}

@@ -32,6 +32,7 @@ from softprompt.data.batch import Encoded
 from softprompt.eval.task_metrics import task_metrics
 from softprompt.io.runs import atomic_write_json, load_prompt, provenance, read_run
 from softprompt.study import ablation, spot
+from softprompt.study.budget import check_budgets
 from softprompt.study.drift import drifts
 from softprompt.study.similarity import predictors, probe_contexts, similarity_measures
 from softprompt.study.config import StudyConfig
@@ -80,6 +81,7 @@ def run_study(
 
     out_dir = Path(out_dir)
     started = time.time()
+    check_budgets(config, data_dir)  # a budget that cannot fit stops the study before anything is written
     atomic_write_json(out_dir / STUDY_FILE, config.to_json())
     statuses = train_all(config, out_dir, backbone, data_dir, progress, echo, executor)
     device, dtype = config.train.get("device", "auto"), config.train.get("dtype", "auto")
