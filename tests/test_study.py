@@ -28,6 +28,7 @@ TABLES = ("accuracy", "ensemble", "stochasticity", "zero_shot", "runs", "similar
           "transfer_accuracy", "transfer_gain_accuracy", "transfer_exact_match", "transfer_gain_exact_match",
           "correlation", "task_distances", "norms", "maps", "nearest_tokens",
           # issue 14: intervals, measures and their ranking, SPoT, drift, Lester's ablation
+          "paired_tests", "budget", "val_examples",  # issue 20: does it learn?
           "accuracy_intervals", "similarity_measures", "similarity_average_token_cosine", "similarity_per_token_cosine",
           "similarity_neuron_overlap", "spot_gain", "spot_accuracy", "spot_default", "drift", "ablation")
 
@@ -107,6 +108,8 @@ def test_rerun_skips_done_runs_and_cached_scores(study_dir, tiny_model_dir):
         "run 3/4: rte seed 0 (done, skipped)", "run 4/4: rte seed 1 (done, skipped)",
     ]
     assert not any(line.startswith("scoring") for line in lines)
+    results = json.loads((study_dir / "results.json").read_text())
+    assert all(run["reused"] for run in results["runs"].values())  # the report says which runs an earlier call trained
 
 
 def timeless(history: list[dict]) -> list[dict]:
@@ -361,3 +364,42 @@ def test_budget_that_fits_exactly_is_accepted():
 
     config = StudyConfig.from_dict(dict(tasks=["cb"], seeds=[0], max_train_examples=20, max_eval_examples=6, min_dev_examples=4))
     assert check_budgets(config, FIXTURE_DATA) == {"cb": {"train": 20, "dev": 4, "val": 6}}
+
+
+def test_results_record_each_runs_budget_and_learning_curve(study_dir):
+    results = json.loads((study_dir / "results.json").read_text())
+    for name, run in results["runs"].items():
+        record = json.loads((study_dir / "runs" / name / "run.json").read_text())
+        assert run["history"] == [{k: h[k] for k in ("epoch", "step", "train_loss", "dev_loss", "dev_accuracy")} for h in record["history"]]
+        assert (run["data"]["train"], run["max_epochs"], run["steps"], run["dtype"]) == (record["data"]["train"], 1, 2, record["dtype"])
+    # the fixture: CB 24 train (dev slice 4) and 6 val, RTE 24 and 8 val; the study scores 5 of each
+    assert results["protocol"]["whole_splits"] == {"cb": {"train": 20, "dev": 4, "val": 6}, "rte": {"train": 20, "dev": 4, "val": 8}}
+    assert set(results["stage_wall_s"]) == {"grid training", "SPoT and ablation training (backbone load included)", "scoring and analysis"}
+    for task in ("cb", "rte"):
+        iv = results["evaluation"][task]["intervals"]
+        assert set(iv["paired"]) == {f"{task}-s0", f"{task}-s1", "ensemble"} and all(p["n"] == 5 for p in iv["paired"].values())
+        assert set(iv["verdict"]["passing"]) | set(iv["verdict"]["failing"]) == {f"{task}-s0", f"{task}-s1"}
+
+
+def test_report_leads_with_does_it_learn(study_dir, tmp_path):
+    results = json.loads((study_dir / "results.json").read_text())
+    verdict = results["evaluation"]["cb"]["intervals"]["verdict"]
+    verdict |= {"seeds": {"cb-s0": True, "cb-s1": False}, "passing": ["cb-s0"], "failing": ["cb-s1"], "every_seed": False, "baseline": 50.0}
+    results["runs"]["rte-s1"] |= {"reused": True, "resumed_at_step": [1]}
+    results["runs"]["cb-s0"] |= {"reused": False, "resumed_at_step": []}  # the module's earlier tests re-ran the study
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert text.index("<h2>Does it learn?</h2>") < text.index("<h2>Verdict</h2>") < text.index("<h2>Stochasticity over seeds</h2>")
+    assert ('<li class="bad">CB: 1/2 seeds beats max(zero-shot, majority class) with the whole 95% interval above it (50.0); '
+            "pass: cb-s0; fail: cb-s1.</li>") in text
+    budget = (tmp_path / "budget.csv").read_text().splitlines()
+    assert budget[0].startswith("run,status,reused from an earlier call,resumed at step,train examples")
+    assert "rte-s1,done,yes,1,20,4,5,1 / 1," in (tmp_path / "budget.csv").read_text()
+    assert "cb-s0,done,no,–,20,4,5,1 / 1," in (tmp_path / "budget.csv").read_text()
+    assert "cb,6,5,seeded subsample of 5,20" in (tmp_path / "val_examples.csv").read_text()
+    paired = (tmp_path / "paired_tests.csv").read_text()
+    assert paired.count("\ncb,") == 3 and "majority vote of the seeds" in paired and ",NO\n" in paired
+    assert "CPU model not recorded by these runs" in text and "Time per stage (this call): grid training" in text
+    results["runs"]["cb-s0"]["hardware"] = {"cpu": "Intel Xeon 8480+", "bf16": "amx"}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert "Machine: cpu: Intel Xeon 8480+, bf16: amx;" in write_report(tmp_path).read_text()

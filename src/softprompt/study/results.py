@@ -179,11 +179,28 @@ def protocol(config: StudyConfig, records: dict[str, dict], items: dict[str, lis
     return {"splits": data, "max_eval_examples": config.max_eval_examples, "representative_seed": config.representative_seed}
 
 
-def run_summary(name: str, record: dict | None, status: str) -> dict:
+HISTORY_KEYS = ("epoch", "step", "train_loss", "dev_loss", "dev_accuracy")  # the learning curves; throughput is left out
+
+
+def run_summary(name: str, record: dict | None, status: str, reused: bool = False) -> dict:
+    """A run's budget and outcome for the report: examples, epochs, steps, dtype, wall time, its learning curve.
+
+    `reused`: the run was done before this call of the study (an earlier, perhaps halfway, study trained it).
+    """
     if record is None:
-        return {"status": status}
-    keys = ("task", "status", "best_epoch", "steps", "wall_s", "dev", "val")
-    return {**{k: record.get(k) for k in keys}, "seed": record["config"]["seed"], "epochs_run": len(record.get("history", []))}
+        return {"status": status, "reused": reused}
+    keys = ("task", "status", "best_epoch", "steps", "wall_s", "dev", "val", "dtype", "data", "resumed_at_step")
+    config = record["config"]
+    return {
+        **{k: record.get(k) for k in keys},
+        **({"hardware": record["hardware"]} if "hardware" in record else {}),  # written by the fast path when it records one
+        "seed": config["seed"],
+        "epochs_run": len(record.get("history", [])),
+        "max_epochs": config.get("epochs"),
+        "max_train_examples": config.get("max_train_examples"),
+        "reused": reused,
+        "history": [{k: h.get(k) for k in HISTORY_KEYS} for h in record.get("history", [])],
+    }
 
 
 def json_safe(obj: Any) -> Any:
