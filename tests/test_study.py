@@ -403,3 +403,28 @@ def test_report_leads_with_does_it_learn(study_dir, tmp_path):
     results["runs"]["cb-s0"]["hardware"] = {"cpu": "Intel Xeon 8480+", "bf16": "amx"}
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert "Machine: cpu: Intel Xeon 8480+, bf16: amx;" in write_report(tmp_path).read_text()
+
+
+def test_paper_toml_encodes_the_papers_protocol():
+    from softprompt.report.paper import PAPER_PROTOCOL, PAPER_TABLE1
+
+    config = StudyConfig.from_toml(Path(__file__).resolve().parents[1] / "studies" / "paper.toml")
+    assert config.tasks == PAPER_PROTOCOL["tasks"] == ("cb", "rte", "copa", "wsc")
+    assert len(config.seeds) == PAPER_PROTOCOL["seeds"] == 4
+    for task in config.tasks:
+        run = config.train_config(task, 0)
+        assert (run.epochs, run.patience, run.num_tokens, run.max_val_examples) == (50, 5, 20, None)  # whole val splits
+        assert run.max_train_examples == (512 if task == "rte" else None)  # RTE on the subsample its comment states
+    assert "subsample of 512" in (Path(__file__).resolve().parents[1] / "studies" / "paper.toml").read_text()
+    assert PAPER_TABLE1 == {"cb": (119.2, 1.31), "rte": (107.7, 3.5), "copa": (111.2, 38.5), "wsc": (135.3, 3.8)}
+
+
+def test_report_puts_the_papers_transfer_cell_beside_ours(study_dir, tmp_path):
+    results = json.loads((study_dir / "results.json").read_text())
+    results["tasks"], results["transfer"]["tasks"] = ["cb", "copa"], ["cb", "copa"]
+    results["transfer"]["gain_exact_match"] = [[5.0, -1.5], [2.0, 0.0]]
+    results["evaluation"]["copa"] = results["evaluation"].pop("rte")
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    write_report(tmp_path)
+    assert (tmp_path / "transfer_beside_paper.csv").read_text().splitlines() == [
+        "source prompt,target task,ours,paper", "cb,cb,5.0,", "cb,copa,-1.5,0.4", "copa,cb,2.0,", "copa,copa,0.0,"]
