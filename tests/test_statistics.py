@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from softprompt.analysis.statistics import accuracy_interval, beats, mantel
+from softprompt.analysis.statistics import accuracy_interval, beats, mantel, mcnemar_exact, paired_comparison
 
 # 4 tasks, asymmetric, all off-diagonal values distinct: only the identity relabelling reproduces it.
 X4 = np.array([[0, 3, 1, 7], [2, 0, 9, 4], [8, 5, 0, 6], [11, 10, 12, 0]], dtype=float)
@@ -111,3 +111,61 @@ def test_mantel_of_a_constant_matrix_is_nan():
 def test_mantel_shapes_must_match():
     with pytest.raises(ValueError, match=r"same square shape \[T, T\], got \[4, 4\] and \[3, 3\]"):
         mantel(X4, np.ones((3, 3)))
+
+
+# --- paired: a trained prompt against no prompt on the same examples ------------------------------
+
+
+def test_mcnemar_exact_on_hand_worked_counts():
+    # b=8, c=1: P(X<=1) + P(X>=8) for X ~ Bin(9, 1/2) = 2 * (1 + 9) / 512
+    assert mcnemar_exact(8, 1) == pytest.approx(0.0390625)
+    assert mcnemar_exact(1, 8) == pytest.approx(0.0390625)  # two-sided: symmetric
+    assert mcnemar_exact(3, 3) == 1.0  # as many wins as losses
+    assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)
+    assert mcnemar_exact(0, 0) == 1.0  # no discordant pair: no evidence
+
+
+def test_mcnemar_refuses_negative_counts():
+    with pytest.raises(ValueError, match="b=-1"):
+        mcnemar_exact(-1, 2)
+
+
+def test_paired_comparison_counts_discordant_pairs_and_the_difference():
+    prompt = np.array([1] * 8 + [0] + [1, 1, 0, 0], dtype=bool)  # 8 only-prompt, 1 only-baseline, 2 both, 2 neither
+    baseline = np.array([0] * 8 + [1] + [1, 1, 0, 0], dtype=bool)
+    result = paired_comparison(prompt, baseline, seed=0)
+    assert (result.n, result.prompt_only, result.baseline_only) == (13, 8, 1)
+    assert result.mcnemar_p == pytest.approx(0.0390625)
+    assert result.difference == pytest.approx(100 * 7 / 13)
+    assert result.low < result.difference < result.high
+    assert paired_comparison(prompt, baseline, seed=0) == result  # seeded
+
+
+def test_paired_bootstrap_matches_the_normal_approximation():
+    # 80 examples +1, 40 examples -1, 280 ties: difference 10 points; var(d) = 0.3 - 0.1^2, se = sqrt(0.29 / 400) = 2.69 points
+    prompt = np.array([1] * 80 + [0] * 40 + [1] * 140 + [0] * 140, dtype=bool)
+    baseline = np.array([0] * 80 + [1] * 40 + [1] * 140 + [0] * 140, dtype=bool)
+    result = paired_comparison(prompt, baseline, seed=1)
+    se = 100 * math.sqrt(0.29 / 400)
+    assert result.difference == pytest.approx(10.0)
+    assert result.low == pytest.approx(10 - 1.96 * se, abs=0.8) and result.high == pytest.approx(10 + 1.96 * se, abs=0.8)
+
+
+def test_identical_predictions_have_p_one_and_a_point_interval():
+    correct = np.array([1, 0, 1, 1, 0], dtype=bool)
+    result = paired_comparison(correct, correct)
+    assert (result.prompt_only, result.baseline_only, result.mcnemar_p) == (0, 0, 1.0)
+    assert (result.difference, result.low, result.high) == (0.0, 0.0, 0.0)
+
+
+def test_paired_comparison_of_seeds_uses_their_mean_and_majority():
+    # two seeds on 4 examples; the baseline gets none right. Per example mean: 1, 0.5, 0.5, 0
+    seeds = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=bool)
+    result = paired_comparison(seeds, np.zeros(4, dtype=bool))
+    assert result.difference == pytest.approx(50.0)  # the seeds' mean accuracy minus 0
+    assert (result.prompt_only, result.baseline_only) == (1, 0)  # only example 0 is right on more than half the seeds
+
+
+def test_paired_comparison_refuses_different_examples():
+    with pytest.raises(ValueError, match="same non-empty examples, got 3 and 2"):
+        paired_comparison(np.ones(3), np.ones(2))

@@ -15,12 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import FIXTURE_DATA
+from conftest import FIXTURE_DATA, SHARED_DATA
 from softprompt.cli import app
 from softprompt.eval.scoring import Scores
 from softprompt.report.html import FIGURES, write_report
 from softprompt.study.pipeline import StudyConfig, run_study
-from softprompt.study.results import task_evaluation
+from softprompt.study.results import accuracy_intervals, task_evaluation
 from softprompt.tasks.data import Example
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
@@ -28,6 +28,7 @@ TABLES = ("accuracy", "ensemble", "stochasticity", "zero_shot", "runs", "similar
           "transfer_accuracy", "transfer_gain_accuracy", "transfer_exact_match", "transfer_gain_exact_match",
           "correlation", "task_distances", "norms", "maps", "nearest_tokens",
           # issue 14: intervals, measures and their ranking, SPoT, drift, Lester's ablation
+          "paired_tests", "budget", "val_examples",  # issue 20: does it learn?
           "accuracy_intervals", "similarity_measures", "similarity_average_token_cosine", "similarity_per_token_cosine",
           "similarity_neuron_overlap", "spot_gain", "spot_accuracy", "spot_default", "drift", "ablation")
 
@@ -107,6 +108,8 @@ def test_rerun_skips_done_runs_and_cached_scores(study_dir, tiny_model_dir):
         "run 3/4: rte seed 0 (done, skipped)", "run 4/4: rte seed 1 (done, skipped)",
     ]
     assert not any(line.startswith("scoring") for line in lines)
+    results = json.loads((study_dir / "results.json").read_text())
+    assert all(run["reused"] for run in results["runs"].values())  # the report says which runs an earlier call trained
 
 
 def timeless(history: list[dict]) -> list[dict]:
@@ -180,6 +183,15 @@ def test_report_escapes_token_strings(study_dir, tmp_path):
 def test_every_study_config_loads(path):
     config = StudyConfig.from_toml(path)
     assert set(config.tasks) <= {"cb", "rte", "copa", "wsc", "wic", "multirc"} and config.seeds
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data/superglue")
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_every_study_budget_fits_the_whole_superglue_splits(path):
+    from softprompt.study.budget import check_budgets
+
+    sizes = check_budgets(StudyConfig.from_toml(path), SHARED_DATA)
+    assert sizes.get("cb", {"val": 56})["val"] == 56  # the real CB val split, not the fixture's
 
 
 @pytest.mark.parametrize(
@@ -308,3 +320,111 @@ def test_study_evaluation_has_multirc_f1a_and_em():
     assert (seed["accuracy"], seed["f1a"], seed["em"], seed["groups"]) == (75.0, pytest.approx(80.0), 50.0, 2)
     assert (result["no_prompt"]["accuracy"], result["no_prompt"]["f1a"], result["no_prompt"]["em"]) == (25.0, 0.0, 0.0)
     assert (result["text_prompt"]["f1a"], result["text_prompt"]["em"]) == (pytest.approx(600 / 7), 50.0)
+
+
+def test_paired_tests_and_per_seed_verdicts_on_hand_made_scores():
+    """10 examples, majority class 50%. No prompt gets only example 9 right; seeds 0 and 2 get all but example 9; seed 1 copies no prompt."""
+    labels = [1] * 5 + [0] * 5
+    none = [0] * 5 + [1] * 4 + [0]
+    good = labels[:9] + [1]
+    scores = {"none": scores_predicting(none, labels), "text-cb": scores_predicting(labels, labels),
+              "cb-s0": scores_predicting(good, labels), "cb-s1": scores_predicting(none, labels), "cb-s2": scores_predicting(good, labels)}
+    out = accuracy_intervals(scores, ["cb-s0", "cb-s1", "cb-s2"], torch.tensor(labels), majority=50.0)
+    assert out["baseline"] == 50.0  # max(no prompt 10, majority 50)
+    s0, s1 = out["paired"]["cb-s0"], out["paired"]["cb-s1"]
+    # seed 0: 9 examples only it gets right, 1 only no prompt: p = 2 * (1 + 10) / 2^10
+    assert (s0["prompt_only"], s0["baseline_only"], s0["mcnemar_p"], s0["difference"]) == (9, 1, pytest.approx(22 / 1024), pytest.approx(80.0))
+    assert (s1["prompt_only"], s1["baseline_only"], s1["mcnemar_p"], s1["difference"]) == (0, 0, 1.0, 0.0)
+    ensemble = out["paired"]["ensemble"]  # the majority vote of the three is seed 0's prediction
+    assert (ensemble["prompt_only"], ensemble["baseline_only"]) == (9, 1)
+    verdict = out["verdict"]
+    assert verdict["seeds"] == {"cb-s0": True, "cb-s1": False, "cb-s2": True}
+    assert (verdict["passing"], verdict["failing"], verdict["every_seed"]) == (["cb-s0", "cb-s2"], ["cb-s1"], False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"max_train_examples": 21}, "`max_train_examples` = 21 does not fit: cb's train split after the dev slice has 20 examples"),
+     ({"per_task": {"rte": {"max_train_examples": 64}}}, r"\[per_task.rte\] `max_train_examples` = 64 does not fit: rte's train split after the dev slice has 20"),
+     ({"max_val_examples": 7}, "`max_val_examples` = 7 does not fit: cb's val split has 6 examples; set it to 6 or less"),
+     ({"per_task": {"rte": {"max_val_examples": 9}}}, r"\[per_task.rte\] `max_val_examples` = 9 does not fit: rte's val split has 8 examples")],
+    ids=["train", "train-per-task", "val", "val-per-task"],
+)
+def test_budget_that_cannot_fit_is_refused_before_training(change, message, tiny_model_dir, tmp_path):
+    # the fixture's CB and RTE: 24 train examples, a dev slice of 4 (min_dev_examples), so 20 to train on; val 6 and 8
+    data = dict(tasks=["cb", "rte"], seeds=[0], model=str(tiny_model_dir), max_val_examples=5, min_dev_examples=4, device="cpu")
+    config = StudyConfig.from_dict(data | change)
+    with pytest.raises(ValueError, match=message):
+        run_study(config, tmp_path / "study", data_dir=FIXTURE_DATA, progress=False, echo=lambda _: None)
+    assert not (tmp_path / "study").exists()  # nothing trained, nothing written
+
+
+def test_budget_that_fits_exactly_is_accepted():
+    from softprompt.study.budget import check_budgets
+
+    config = StudyConfig.from_dict(dict(tasks=["cb"], seeds=[0], max_train_examples=20, max_val_examples=6, min_dev_examples=4))
+    assert check_budgets(config, FIXTURE_DATA) == {"cb": {"train": 20, "dev": 4, "val": 6}}
+
+
+def test_results_record_each_runs_budget_and_learning_curve(study_dir):
+    results = json.loads((study_dir / "results.json").read_text())
+    for name, run in results["runs"].items():
+        record = json.loads((study_dir / "runs" / name / "run.json").read_text())
+        assert run["history"] == [{k: h[k] for k in ("epoch", "step", "train_loss", "dev_loss", "dev_accuracy")} for h in record["history"]]
+        assert (run["data"]["train"], run["max_epochs"], run["steps"], run["dtype"]) == (record["data"]["train"], 1, 2, record["dtype"])
+    # the fixture: CB 24 train (dev slice 4) and 6 val, RTE 24 and 8 val; the study scores 5 of each
+    assert results["protocol"]["whole_splits"] == {"cb": {"train": 20, "dev": 4, "val": 6}, "rte": {"train": 20, "dev": 4, "val": 8}}
+    assert set(results["stage_wall_s"]) == {"grid training", "SPoT and ablation training (backbone load included)", "scoring and analysis"}
+    for task in ("cb", "rte"):
+        iv = results["evaluation"][task]["intervals"]
+        assert set(iv["paired"]) == {f"{task}-s0", f"{task}-s1", "ensemble"} and all(p["n"] == 5 for p in iv["paired"].values())
+        assert set(iv["verdict"]["passing"]) | set(iv["verdict"]["failing"]) == {f"{task}-s0", f"{task}-s1"}
+
+
+def test_report_leads_with_does_it_learn(study_dir, tmp_path):
+    results = json.loads((study_dir / "results.json").read_text())
+    verdict = results["evaluation"]["cb"]["intervals"]["verdict"]
+    verdict |= {"seeds": {"cb-s0": True, "cb-s1": False}, "passing": ["cb-s0"], "failing": ["cb-s1"], "every_seed": False, "baseline": 50.0}
+    results["runs"]["rte-s1"] |= {"reused": True, "resumed_at_step": [1]}
+    results["runs"]["cb-s0"] |= {"reused": False, "resumed_at_step": []}  # the module's earlier tests re-ran the study
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert text.index("<h2>Does it learn?</h2>") < text.index("<h2>Verdict</h2>") < text.index("<h2>Stochasticity over seeds</h2>")
+    assert ('<li class="bad">CB: 1/2 seeds beats max(zero-shot, majority class) with the whole 95% interval above it (50.0); '
+            "pass: cb-s0; fail: cb-s1.</li>") in text
+    budget = (tmp_path / "budget.csv").read_text().splitlines()
+    assert budget[0].startswith("run,status,reused from an earlier call,resumed at step,train examples")
+    assert "rte-s1,done,yes,1,20,4,5,1 / 1," in (tmp_path / "budget.csv").read_text()
+    assert "cb-s0,done,no,–,20,4,5,1 / 1," in (tmp_path / "budget.csv").read_text()
+    assert "cb,6,5,seeded subsample of 5,20" in (tmp_path / "val_examples.csv").read_text()
+    paired = (tmp_path / "paired_tests.csv").read_text()
+    assert paired.count("\ncb,") == 3 and "majority vote of the seeds" in paired and ",NO\n" in paired
+    assert "CPU model not recorded by these runs" in text and "Time per stage (this call): grid training" in text
+    results["runs"]["cb-s0"]["hardware"] = {"cpu": "Intel Xeon 8480+", "bf16": "amx"}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert "Machine: cpu: Intel Xeon 8480+, bf16: amx;" in write_report(tmp_path).read_text()
+
+
+def test_paper_toml_encodes_the_papers_protocol():
+    from softprompt.report.paper import PAPER_PROTOCOL, PAPER_TABLE1
+
+    config = StudyConfig.from_toml(Path(__file__).resolve().parents[1] / "studies" / "paper.toml")
+    assert config.tasks == PAPER_PROTOCOL["tasks"] == ("cb", "rte", "copa", "wsc")
+    assert len(config.seeds) == PAPER_PROTOCOL["seeds"] == 4
+    for task in config.tasks:
+        run = config.train_config(task, 0)
+        assert (run.epochs, run.patience, run.num_tokens, run.max_val_examples) == (50, 5, 20, None)  # whole val splits
+        assert run.max_train_examples == (512 if task == "rte" else None)  # RTE on the subsample its comment states
+    assert "subsample of 512" in (Path(__file__).resolve().parents[1] / "studies" / "paper.toml").read_text()
+    assert PAPER_TABLE1 == {"cb": (119.2, 1.31), "rte": (107.7, 3.5), "copa": (111.2, 38.5), "wsc": (135.3, 3.8)}
+
+
+def test_report_puts_the_papers_transfer_cell_beside_ours(study_dir, tmp_path):
+    results = json.loads((study_dir / "results.json").read_text())
+    results["tasks"], results["transfer"]["tasks"] = ["cb", "copa"], ["cb", "copa"]
+    results["transfer"]["gain_exact_match"] = [[5.0, -1.5], [2.0, 0.0]]
+    results["evaluation"]["copa"] = results["evaluation"].pop("rte")
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    write_report(tmp_path)
+    assert (tmp_path / "transfer_beside_paper.csv").read_text().splitlines() == [
+        "source prompt,target task,ours,paper", "cb,cb,5.0,", "cb,copa,-1.5,0.4", "copa,cb,2.0,", "copa,copa,0.0,"]

@@ -1,4 +1,4 @@
-"""Honest statistics: bootstrap intervals for accuracies, and a Mantel test for matrix-vs-matrix correlation.
+"""Honest statistics: bootstrap intervals for accuracies, paired tests (McNemar, paired bootstrap), and a Mantel test for matrix-vs-matrix correlation.
 
 Conventions: accuracies are in percent; an "interval" is a 95% percentile bootstrap over val
 examples (scipy's `stats.bootstrap`), seeded so a report is reproducible. Matrices are `[T, T]`
@@ -145,3 +145,67 @@ def _rank_matrix(y: np.ndarray) -> np.ndarray:
     off = ~np.eye(y.shape[0], dtype=bool)
     out[off] = stats.rankdata(y[off])
     return out
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """A prompt against a baseline scored on the same examples: McNemar's exact test and a paired bootstrap.
+
+    `prompt_only` (b) counts examples only the prompt gets right, `baseline_only` (c) those only the
+    baseline gets right; the difference is in accuracy points (prompt minus baseline).
+    """
+
+    n: int
+    prompt_only: int
+    baseline_only: int
+    mcnemar_p: float  # two-sided exact: binomial(b; b + c, 1/2); 1.0 when no example is discordant
+    difference: float
+    low: float
+    high: float
+    confidence: float = CONFIDENCE
+
+
+def mcnemar_exact(prompt_only: int, baseline_only: int) -> float:
+    """Two-sided exact McNemar p-value: under the null each discordant pair is a fair coin.
+
+    Raises:
+        ValueError: a negative count.
+    """
+    if prompt_only < 0 or baseline_only < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={prompt_only}, c={baseline_only}")
+    discordant = prompt_only + baseline_only
+    if discordant == 0:  # the two agree on every example: no evidence either way
+        return 1.0
+    return float(min(1.0, stats.binomtest(prompt_only, discordant, 0.5, alternative="two-sided").pvalue))
+
+
+def paired_comparison(prompt_correct: np.ndarray, baseline_correct: np.ndarray, seed: int = 0,
+                      confidence: float = CONFIDENCE, n_resamples: int = BOOTSTRAP_RESAMPLES) -> PairedComparison:
+    """McNemar's exact test and a seeded paired bootstrap of the accuracy difference, prompt minus baseline.
+
+    Args:
+        prompt_correct: `[E]` per-example correctness of the prompt, or `[K, E]` for K prompts (seeds): then
+            the prompt's per-example score is the mean over prompts (the discordant counts use a majority:
+            right on more than half of the prompts).
+        baseline_correct: `[E]` per-example correctness of the baseline (no prompt) on the same examples.
+        seed: seeds the resampling (examples are resampled jointly, keeping each pair together).
+
+    Raises:
+        ValueError: no examples, or the two cover different numbers of examples.
+    """
+    prompt = np.asarray(prompt_correct, dtype=float)
+    prompt = prompt.mean(0) if prompt.ndim == 2 else prompt  # [E]
+    baseline = np.asarray(baseline_correct, dtype=float)
+    if prompt.shape != baseline.shape or prompt.size == 0:
+        raise ValueError(f"paired comparison needs the same non-empty examples, got {prompt.size} and {baseline.size}")
+    right, base_right = prompt > 0.5, baseline > 0.5
+    b, c = int((right & ~base_right).sum()), int((~right & base_right).sum())
+    diff = 100.0 * (prompt - baseline)  # [E] per-example difference: its mean is the accuracy difference
+    estimate = float(diff.mean())
+    if np.ptp(diff) == 0:
+        low = high = estimate
+    else:
+        ci = stats.bootstrap((diff,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                             method="percentile", vectorized=True, rng=np.random.default_rng(seed)).confidence_interval
+        low, high = float(ci.low), float(ci.high)
+    return PairedComparison(prompt.size, b, c, mcnemar_exact(b, c), estimate, low, high, confidence)

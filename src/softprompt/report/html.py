@@ -7,12 +7,10 @@ Everything here reads files written by `softprompt.study.pipeline`; nothing trai
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +24,11 @@ import numpy as np  # noqa: E402
 from softprompt.io.runs import atomic_write_bytes  # noqa: E402
 
 REPORT_FILE = "report.html"
-FIGURES = ("tsne", "pca", "similarity", "transfer", "spot", "ablation")
+FIGURES = ("learn", "curves", "tsne", "pca", "similarity", "transfer", "spot", "ablation")
 
-from softprompt.report.paper import PAPER_TABLE1, PAPER_TABLE2  # noqa: E402 - the paper's numbers, one place
-
-
-@dataclass(frozen=True)
-class Table:
-    name: str  # the CSV file stem
-    title: str
-    columns: list[str]
-    rows: list[list[Any]]
-    note: str = ""
-
-
-def fmt(value: Any, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):  # accuracies and distances to 0.1; small numbers (cosines, p-values) to 3 significant digits
-        return f"{value:.{digits}f}" if abs(value) >= 10 or value == 0 else f"{value:.3g}"
-    return str(value)
-
-
-def to_csv(table: Table) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(table.columns)
-    writer.writerows([["" if v is None else v for v in row] for row in table.rows])
-    return buffer.getvalue().encode()
+from softprompt.report.paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TRANSFER_GAIN  # noqa: E402 - the paper's numbers, one place
+from softprompt.report.tables import Table, fmt, to_csv  # noqa: E402
+from softprompt.report import learning  # noqa: E402 - "Does it learn?": the report's first section
 
 
 # --- tables --------------------------------------------------------------------------------------
@@ -118,6 +93,17 @@ def table2(results: dict) -> Table:
     note = ("Exact match, %. The paper's Table 2 is zero-shot accuracy over hand-written prompts from the BLOOMZ paper, "
             "not soft prompts; it is the paper's difficulty reference.")
     return Table("zero_shot", "Beside the paper's Table 2", columns, rows, note)
+
+
+def paper_transfer_table(results: dict) -> Table:
+    """Our exact-match transfer gain beside the paper's Figure 8, pair by pair (the paper's cell where its text gives one)."""
+    transfer = results["transfer"]
+    tasks = transfer.get("tasks", [])
+    rows = [[source, target, gain, PAPER_TRANSFER_GAIN.get((source, target))]
+            for source, gains in zip(tasks, transfer.get("gain_exact_match", [])) for target, gain in zip(tasks, gains)]
+    note = ("Exact-match gain in points of the source task's prompt on the target task over no prompt. The paper's Figure 8 "
+            "is an image; its text states one cell (CB's prompt on COPA: +0.4), the others are left blank rather than guessed.")
+    return Table("transfer_beside_paper", "Transfer gain beside the paper's Figure 8", ["source prompt", "target task", "ours", "paper"], rows, note)
 
 
 def matrix_table(name: str, title: str, labels: list[str], matrix: list[list[float]], note: str = "", corner: str = "") -> Table:
@@ -230,7 +216,8 @@ TRANSFER_TABLES = (  # (CSV name, results key, title)
 
 
 def all_tables(results: dict) -> list[Table]:
-    tables = [accuracy_table(results), ensemble_table(results), table1(results), table2(results), runs_table(results)]
+    tables = [learning.paired_table(results), learning.budget_table(results), learning.val_table(results)]
+    tables += [accuracy_table(results), ensemble_table(results), table1(results), table2(results), runs_table(results)]
     sim, transfer, stoch = results["similarity"], results["transfer"], results["stochasticity"]
     if sim.get("tasks"):
         tables += [
@@ -242,7 +229,7 @@ def all_tables(results: dict) -> list[Table]:
     if transfer.get("tasks"):
         tables += [
             *(matrix_table(name, title, transfer["tasks"], transfer[key], corner="prompt \\ task") for name, key, title in TRANSFER_TABLES),
-            correlation_table(results),
+            correlation_table(results), paper_transfer_table(results),
         ]
     if stoch.get("group_distances"):
         g = stoch["group_distances"]
@@ -363,7 +350,7 @@ def ablation_figure(ablation: dict, evaluation: dict) -> bytes:
 
 
 def figures(results: dict) -> dict[str, bytes]:
-    out = {}
+    out = {name: _png(fig) for name, fig in (("learn", learning.learn_figure(results)), ("curves", learning.curves_figure(results))) if fig}
     stoch = results["stochasticity"]
     if stoch.get("maps"):
         out["tsne"] = map_figure(stoch, "tsne", f"t-SNE of all prompts (perplexity {stoch['perplexity']:.1f})")
@@ -518,6 +505,10 @@ def protocol_html(results: dict) -> str:
 
 
 CAPTIONS = {
+    "learn": "Figure: val accuracy per task with 95% bootstrap error bars: no prompt, the text prompt and the trained prompts' mean "
+    "(dots: each seed); dotted line: the majority class.",
+    "curves": "Figure: learning curves: dev loss (top) and dev accuracy (bottom) after each epoch, one line per seed "
+    "(dotted: the majority class).",
     "tsne": "Figure: t-SNE map of every prompt (runs of a task connected, as in the paper's Figure 6). "
     "t-SNE keeps neighbourhoods, not distances.",
     "pca": "Figure: PCA of every prompt (a linear projection: distances are shrunk but not warped).",
@@ -540,6 +531,11 @@ def render(results: dict, figs: dict[str, bytes], tables: list[Table]) -> str:
 <h1>{e(title)}</h1>
 <p class="note">Reproduces "Interpreting Prompt-Tuning Across SuperGLUE Tasks" (Dayton, O'Rahilly, Werner) with softprompt,
 plus Lester et al.'s prompt ensembling. Every number below is in results.json and the CSV files beside this report.</p>
+<h2>Does it learn?</h2>{fig('learn')}
+<ul>{''.join(learning.verdict_lines(results))}</ul>{section('paired_tests', 'val_examples')}
+{fig('curves')}
+{section('budget')}
+<h3>Machine and time</h3>{learning.machine_html(results)}
 <h2>Verdict</h2><ul>{''.join(verdicts(results))}</ul>
 <h2>Protocol</h2>{protocol_html(results)}
 <h2>Accuracy</h2>{section('accuracy_intervals', 'accuracy', 'zero_shot', 'ensemble')}
@@ -551,7 +547,7 @@ plus Lester et al.'s prompt ensembling. Every number below is in results.json an
 <h2>Similarity between tasks</h2>{fig('similarity')}
 {section('similarity', 'cosine', 'similarity_centroids')}
 <h2>Zero-shot task transfer</h2>{fig('transfer')}
-{section('transfer_gain_exact_match', 'transfer_gain_accuracy', 'transfer_accuracy', 'transfer_exact_match', 'correlation')}
+{section('transfer_gain_exact_match', 'transfer_beside_paper', 'transfer_gain_accuracy', 'transfer_accuracy', 'transfer_exact_match', 'correlation')}
 <h2>SPoT: transfer with training</h2>{fig('spot')}
 {section('spot_gain', 'spot_accuracy', 'spot_default')}
 <h2>Which similarity predicts transfer?</h2>{section('similarity_measures', 'similarity_average_token_cosine', 'similarity_per_token_cosine', 'similarity_neuron_overlap')}

@@ -52,6 +52,12 @@ def train_all(
     return statuses
 
 
+def done_before(config: StudyConfig, out_dir: Path) -> list[str]:
+    """The grid runs already done in `out_dir`: what this call of the study reuses rather than trains."""
+    names = [run_name(task, seed) for task in config.tasks for seed in config.seeds]
+    return [name for name in names if is_done(out_dir / "runs" / name)]
+
+
 def reusable(config: TrainConfig, run_dir: Path) -> bool:
     """True when `run_dir` holds a finished run of `config` (to skip); False when it must be (re)trained.
 

@@ -32,11 +32,12 @@ from softprompt.data.batch import Encoded
 from softprompt.eval.task_metrics import task_metrics
 from softprompt.io.runs import atomic_write_json, load_prompt, provenance, read_run
 from softprompt.study import ablation, spot
+from softprompt.study.budget import check_budgets
 from softprompt.study.drift import drifts
 from softprompt.study.similarity import predictors, probe_contexts, similarity_measures
 from softprompt.study.config import StudyConfig
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs, worker_backbone
-from softprompt.study.grid import IN_PROCESS, FinishedRuns, finished_runs, reusable, run_name, train_all
+from softprompt.study.grid import IN_PROCESS, FinishedRuns, done_before, finished_runs, reusable, run_name, train_all
 from softprompt.study.results import (
     RESULTS_FILE,
     accuracy_intervals,
@@ -80,8 +81,11 @@ def run_study(
 
     out_dir = Path(out_dir)
     started = time.time()
+    split_sizes = check_budgets(config, data_dir)  # a budget that cannot fit stops the study before anything is written
     atomic_write_json(out_dir / STUDY_FILE, config.to_json())
+    reused = done_before(config, out_dir)
     statuses = train_all(config, out_dir, backbone, data_dir, progress, echo, executor)
+    grid_done = time.time()
     device, dtype = config.train.get("device", "auto"), config.train.get("dtype", "auto")
     backbone = backbone or worker_backbone(config.model, device, dtype)  # the one in-process runs loaded
     finished = finished_runs(config, statuses)
@@ -90,6 +94,13 @@ def run_study(
     results = analyse(config, out_dir, backbone, data_dir, statuses, finished, echo, progress, staged)
     results["analysis_wall_s"] = round(time.time() - analysis_started, 1)  # scoring, interpretation, statistics
     results["wall_s"] = round(time.time() - started, 1)  # this call, training included (resumed runs count 0)
+    results["stage_wall_s"] = {  # this call's time per stage; reused runs and cached scores cost ~0 here
+        "grid training": round(grid_done - started, 1), "SPoT and ablation training (backbone load included)": round(analysis_started - grid_done, 1),
+        "scoring and analysis": results["analysis_wall_s"],
+    }
+    results["protocol"]["whole_splits"] = split_sizes  # {task: train after the dev slice, dev, val}
+    for name in reused:
+        results["runs"][name]["reused"] = True
     atomic_write_json(out_dir / RESULTS_FILE, json_safe(results))
     write_report(out_dir)
     echo(f"wrote {out_dir / 'report.html'}")

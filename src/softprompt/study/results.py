@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from softprompt.analysis import measures as analysis
-from softprompt.analysis.statistics import Interval, accuracy_interval, beats
+from softprompt.analysis.statistics import Interval, accuracy_interval, beats, paired_comparison
 from softprompt.analysis.interpret import interpret_prompt, rows_to_json, run_init_ids
 from softprompt.backbones.loading import Backbone
 from softprompt.data.batch import Encoded
@@ -56,7 +56,41 @@ def accuracy_intervals(scores: dict[str, Scores], seed_sources: list[str], label
         out["mean"] = _interval_json(mean)
         out["beats"] = beats(mean, baseline)
         out["beats_every_seed"] = all(s["beats"] for s in out["seeds"].values())
+        votes = analysis.majority_vote(torch.cat([scores[n].logprobs for n in seed_sources]))  # [E]
+        out["paired"] = paired_tests(correct, seed_sources, (votes == labels).numpy(), seed)
+    out["verdict"] = seed_verdict(out)
     return out
+
+
+def paired_tests(correct: dict[str, np.ndarray], seed_sources: list[str], ensemble_correct: np.ndarray, seed: int = 0) -> dict:
+    """Each seed's prompt, and the seeds' majority-vote ensemble, against no prompt on the very same val examples.
+
+    Both are scored on one eval set, so the comparison is paired: McNemar's exact test on the discordant
+    examples and a paired bootstrap interval of the accuracy difference (points, prompt minus no prompt).
+
+    Args:
+        correct: `[E]` per-example correctness per source ("none" and `seed_sources`).
+        ensemble_correct: `[E]` correctness of the majority vote over `seed_sources`.
+    """
+    out = {name: asdict(paired_comparison(correct[name], correct["none"], seed)) for name in seed_sources}
+    out["ensemble"] = asdict(paired_comparison(ensemble_correct, correct["none"], seed))
+    return out
+
+
+def seed_verdict(intervals: dict) -> dict:
+    """The plain verdict per seed: does its 95% interval lie wholly above max(no prompt, majority class)?
+
+    Failing seeds are listed as plainly as passing ones; `every_seed` is False when no seed finished.
+    """
+    seeds = {name: bool(s["beats"]) for name, s in intervals["seeds"].items()}
+    return {
+        "rule": "beats max(zero-shot, majority class) with the whole 95% interval above it",
+        "baseline": intervals["baseline"],
+        "seeds": seeds,
+        "passing": [n for n, ok in seeds.items() if ok],
+        "failing": [n for n, ok in seeds.items() if not ok],
+        "every_seed": bool(seeds) and all(seeds.values()),
+    }
 
 
 def interpretation(backbone: Backbone, record: dict, prompt: Tensor, top_k: int) -> dict:
@@ -145,11 +179,28 @@ def protocol(config: StudyConfig, records: dict[str, dict], items: dict[str, lis
     return {"splits": data, "max_val_examples": config.train.get("max_val_examples"), "representative_seed": config.representative_seed}
 
 
-def run_summary(name: str, record: dict | None, status: str) -> dict:
+HISTORY_KEYS = ("epoch", "step", "train_loss", "dev_loss", "dev_accuracy")  # the learning curves; throughput is left out
+
+
+def run_summary(name: str, record: dict | None, status: str, reused: bool = False) -> dict:
+    """A run's budget and outcome for the report: examples, epochs, steps, dtype, wall time, its learning curve.
+
+    `reused`: the run was done before this call of the study (an earlier, perhaps halfway, study trained it).
+    """
     if record is None:
-        return {"status": status}
-    keys = ("task", "status", "best_epoch", "steps", "wall_s", "dev", "val")
-    return {**{k: record.get(k) for k in keys}, "seed": record["config"]["seed"], "epochs_run": len(record.get("history", []))}
+        return {"status": status, "reused": reused}
+    keys = ("task", "status", "best_epoch", "steps", "wall_s", "dev", "val", "dtype", "data", "resumed_at_step")
+    config = record["config"]
+    return {
+        **{k: record.get(k) for k in keys},
+        **({"hardware": record["hardware"]} if "hardware" in record else {}),  # written by the fast path when it records one
+        "seed": config["seed"],
+        "epochs_run": len(record.get("history", [])),
+        "max_epochs": config.get("epochs"),
+        "max_train_examples": config.get("max_train_examples"),
+        "reused": reused,
+        "history": [{k: h.get(k) for k in HISTORY_KEYS} for h in record.get("history", [])],
+    }
 
 
 def json_safe(obj: Any) -> Any:
