@@ -16,9 +16,9 @@ from conftest import FIXTURE_DATA, TINY_CONFIGS
 from tiny_train import tiny_config
 from softprompt.backbones.fastpath import Hardware
 from softprompt.backbones.loading import model_from_config, on_fast_path, resolve_dtype
-from softprompt.core.forward import logits_at
+from softprompt.core.forward import logits_at, prompt_keys_values
 from softprompt.data.batch import encode
-from softprompt.eval.scoring import JUDGE_MARGIN, near_ties, score
+from softprompt.eval.scoring import JUDGE_MARGIN, near_ties, score, score_mixed
 from softprompt.io.runs import RUN_FILE, load_prompt
 from softprompt.tasks.registry import get_task, load_examples
 from softprompt.train.loop import TrainConfig, check_resume_dtype, train
@@ -133,3 +133,19 @@ def test_bf16_judged_in_fp32_predicts_as_fp32(tokenizer, arch):
     torch.testing.assert_close(got.logprobs[:, near], want.logprobs[:, near], atol=1e-5, rtol=0)  # fp32's numbers
     far = [i for i in range(len(items)) if i not in near]
     assert torch.equal(got.logprobs[:, far], bf16_only.logprobs[:, far])  # bf16's numbers elsewhere
+
+
+def test_mixed_batches_judged_in_fp32_predict_as_fp32(tokenizer):
+    """The server's path: items of two prompts share forwards in bf16; near ties are re-scored with fp32 caches."""
+    fp32 = model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0)
+    judged = on_fast_path(model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0), torch.bfloat16)
+    items = [encode(tokenizer, e, 64) for e in load_examples(get_task("cb"), "val", FIXTURE_DATA)]
+    prompts = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
+    prompt_of = [i % 2 for i in range(len(items))]
+    caches = [prompt_keys_values(judged.model, p) for p in prompts]
+    reference = [prompt_keys_values(judged.reference, p) for p in prompts]
+    want = score_mixed(fp32, [prompt_keys_values(fp32.model, p) for p in prompts], prompt_of, items, 4)
+    bf16_only = score_mixed(judged, caches, prompt_of, items, 4)
+    got = score_mixed(judged, caches, prompt_of, items, 4, reference_caches=reference)
+    assert near_ties(bf16_only.logprobs, JUDGE_MARGIN)  # the re-judging really ran
+    assert torch.equal(got.predictions(), want.predictions())

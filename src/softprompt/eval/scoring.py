@@ -174,7 +174,8 @@ def _score(model, backbone: Backbone, prompts: Tensor | None, items: list[Encode
 
 @torch.inference_mode()
 def score_mixed(
-    backbone: Backbone, prompt_caches: list, prompt_of: list[int], items: list[Encoded], batch_size: int = 16, progress: bool = False
+    backbone: Backbone, prompt_caches: list, prompt_of: list[int], items: list[Encoded], batch_size: int = 16,
+    progress: bool = False, reference_caches: list | None = None,
 ) -> Scores:
     """Every item scored under its own prompt; items of different prompts share forwards.
 
@@ -184,6 +185,8 @@ def score_mixed(
         prompt_of: `[E]` index into the bank of each item's prompt.
         items: encoded examples.
         batch_size: examples per forward.
+        reference_caches: the same bank's keys/values under `backbone.reference` (fp32): near-tied
+            items (`JUDGE_MARGIN`) are re-scored with them. None: no re-judging.
 
     Returns:
         Scores with K = 1: `logprobs[0]` is `[E, C]` (summed log-likelihood of each choice, -inf where
@@ -194,7 +197,18 @@ def score_mixed(
     """
     if len(prompt_of) != len(items):
         raise ValueError(f"prompt_of has {len(prompt_of)} entries for {len(items)} items; give one bank index per item")
-    model, device, pad_id = backbone.model, backbone.device, backbone.tokenizer.pad_token_id
+    scores = _score_mixed(backbone.model, backbone, prompt_caches, prompt_of, items, batch_size, progress)
+    near = near_ties(scores.logprobs, JUDGE_MARGIN) if reference_caches is not None and backbone.reference is not None else []
+    if near:
+        judged = _score_mixed(backbone.reference, backbone, reference_caches, [prompt_of[i] for i in near], [items[i] for i in near], batch_size, False)
+        scores.logprobs[:, near, : judged.logprobs.shape[-1]] = judged.logprobs
+        scores.exact[:, near] = judged.exact
+    return scores
+
+
+def _score_mixed(model, backbone: Backbone, prompt_caches: list, prompt_of: list[int], items: list[Encoded], batch_size: int, progress: bool) -> Scores:
+    """`score_mixed` on `model` (the backbone's weights or its fp32 reference) with that model's caches."""
+    device, pad_id = backbone.device, backbone.tokenizer.pad_token_id
     lengths = [0 if cache is None else cache.get_seq_length() for cache in prompt_caches]
     build, shared = _batch_builder(model, max((lengths[k] for k in set(prompt_of)), default=0), items)
     # Past a sliding window, a left-padded prompt would shift what the window sees: one prompt per batch then.
