@@ -33,7 +33,7 @@ from softprompt.backbones.loading import load_backbone
 from softprompt.io.runs import atomic_write_json, load_prompt, tensor_sha256
 from softprompt.study.executors import ExecutorConfig, RunJob, cpu_count, run_jobs
 from softprompt.tasks.registry import resolve_data_dir
-from softprompt.train.loop import TrainConfig
+from softprompt.train.config import TrainConfig
 
 
 def jobs(root: Path, runs: int, steps: int) -> list[RunJob]:

@@ -16,7 +16,8 @@ from pathlib import Path
 from softprompt.backbones.loading import load_backbone
 from softprompt.io.runs import is_done, read_run
 from softprompt.tasks.registry import get_task, load_examples, majority_rate
-from softprompt.train.loop import TrainConfig, train
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import train
 
 # Zero-shot (no prompt) val accuracy of SmolLM2-135M-Instruct with the built-in task files (README).
 ZERO_SHOT = {"cb": 26.8, "rte": 55.6, "copa": 62.0, "wsc": 63.5}

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.backbones.loading import Backbone, load_tokenizer, model_from_config
+from softprompt.backbones.loading import Backbone
+from factories import load_tokenizer, model_from_config
 
 # `--dtype auto` follows the CPU (bf16 where it is native); the suite pins it to fp32 so that its numbers are the
 # same on every CPU, subprocesses included. Tests of the bf16 path ask for it by name. SOFTPROMPT_NATIVE_BF16=1
@@ -78,3 +79,82 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped, but make test installs what it needs (SOFTPROMPT_REQUIRE_ALL=1): {reason}"
+
+
+# ---- attention implementations: the equality tests run for every one that `--attention auto` can pick ----
+
+import contextlib  # noqa: E402
+from functools import cache as _cache  # noqa: E402
+
+from transformers import AutoConfig  # noqa: E402
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # noqa: E402
+
+from softprompt.backbones.fastpath import MEASURED_ATTENTION, available_attention  # noqa: E402
+
+ATTENTIONS = tuple(sorted(set(MEASURED_ATTENTION.values()) | {"eager"}))  # what auto can pick: ("eager", "sdpa")
+REFERENCE_ATTENTION = "eager"  # the naive references run in the plain-matmul attention: the ground truth
+_REFERENCES: dict[tuple, object] = {}  # eager references, shared by a test's attention variants
+
+
+@_cache
+def _offered(model_type: str) -> tuple[str, ...]:
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model(model_type))]
+    return tuple(a for a in ATTENTIONS if a in available_attention(model_class))
+
+
+def offered_attention(config: dict) -> tuple[str, ...]:
+    """The ATTENTIONS a tiny config's model class offers (bloom: eager only), read off the class: no model built."""
+    return _offered(config["model_type"])
+
+
+def with_attention(archs, configs: dict | None = None) -> list:
+    """`(arch, attention)` params for `parametrize("tiny_backbone, attention", ..., indirect=["tiny_backbone"])`:
+    every attention each architecture offers; a combination its class lacks is not generated (not skipped)."""
+    return [
+        pytest.param(arch, attention, id=f"{arch}-{attention}")
+        for arch in archs
+        for attention in offered_attention((configs or TINY_CONFIGS)[arch])
+    ]
+
+
+def use_attention(model, attention: str):
+    """Switch `model` (in place) to `attention`; the model under test then runs in it."""
+    assert attention in available_attention(model), f"{type(model).__name__} offers {available_attention(model)}"
+    model.set_attn_implementation(attention)
+    assert model.config._attn_implementation == attention
+    return model
+
+
+@contextlib.contextmanager
+def attention_as(model, attention: str):
+    """Run a block with `model` in `attention`, then switch it back to what it was."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(attention)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
+@pytest.fixture
+def eager_reference(request):
+    """`eager_reference(model, compute)`: `compute()` run with `model` in eager attention (the ground truth).
+
+    Computed once per test and parameters other than `attention`, then shared by the test's other
+    attention variants: the same seeded model and inputs give the same reference, and the naive
+    references (full logits per choice) are most of these tests' time. A test's n-th call gets the
+    n-th reference.
+    """
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    key = (request.node.module.__name__, request.node.originalname,
+           tuple(sorted((k, repr(v)) for k, v in params.items() if k != "attention")))
+    calls = iter(range(1_000_000))
+
+    def reference(model, compute):
+        index = (*key, next(calls))
+        if index not in _REFERENCES:
+            with attention_as(model, REFERENCE_ATTENTION):
+                _REFERENCES[index] = compute()
+        return _REFERENCES[index]
+
+    return reference

@@ -18,10 +18,10 @@ from softprompt.backbones.loading import (
     gguf_source,
     cache_root,
     load_backbone,
-    load_tokenizer,
     preset_gguf_path,
     resolve_device,
 )
+from factories import load_tokenizer
 
 
 def test_local_folder_loads_frozen_with_the_saved_weights(tiny_model_dir):

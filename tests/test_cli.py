@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY_CONFIGS
-from softprompt.backbones.loading import model_from_config
+from factories import model_from_config
 from softprompt.cli import app
 from softprompt.io.runs import PROMPT_FILE, RUN_FILE
-from softprompt.train.loop import TrainConfig
+from softprompt.train.config import TrainConfig
 
 TINY_TRAIN = ["--num-tokens", "4", "--epochs", "1", "--min-dev-examples", "6", "--device", "cpu"]
 

@@ -14,14 +14,16 @@ import torch
 
 from conftest import FIXTURE_DATA, TINY_CONFIGS
 from tiny_train import tiny_config
+from factories import model_from_config
 from softprompt.backbones.fastpath import Hardware
-from softprompt.backbones.loading import model_from_config, on_fast_path, resolve_dtype
+from softprompt.backbones.loading import on_fast_path, resolve_dtype
 from softprompt.core.forward import logits_at, prompt_keys_values
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import JUDGE_MARGIN, near_ties, score, score_mixed
-from softprompt.io.runs import RUN_FILE, load_prompt
+from softprompt.io.runs import RUN_FILE, check_resume_dtype, load_prompt
 from softprompt.tasks.registry import get_task, load_examples
-from softprompt.train.loop import TrainConfig, check_resume_dtype, train
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import train
 
 SUM_LOGPROB_ATOL = 0.15
 

@@ -17,7 +17,8 @@ from peft import PromptTuningConfig, TaskType, get_peft_model
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from softprompt.backbones.loading import GEMMA3_PACKAGES, load_tokenizer
+from softprompt.backbones.loading import GEMMA3_PACKAGES
+from factories import load_tokenizer
 from softprompt.core.forward import logits_at
 from softprompt.data.batch import encode, score_batch, train_batch
 from softprompt.tasks.registry import Example, TASKS, load_examples

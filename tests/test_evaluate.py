@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import ARCHITECTURES
+from conftest import ARCHITECTURES, use_attention, with_attention
 from softprompt.data.batch import Encoded, encode, train_batch
 from softprompt.eval.scoring import Scores, metrics, score, target_logprobs
 from softprompt.tasks.registry import TASKS, load_examples
@@ -41,20 +41,22 @@ def encoded(tokenizer, task: str, split: str, data_dir, n: int) -> list[Encoded]
     return [encode(tokenizer, e, 256) for e in load_examples(TASKS[task], split, data_dir)[:n]]
 
 
-@pytest.mark.parametrize("tiny_backbone", ARCHITECTURES, ids=ARCHITECTURES, indirect=True)
+@pytest.mark.parametrize("tiny_backbone, attention", with_attention(ARCHITECTURES), indirect=["tiny_backbone"])
 @pytest.mark.parametrize("with_prompt", [False, True], ids=["no-prompt", "prompt"])
-def test_score_equals_naive_log_likelihood(tiny_backbone, with_prompt, data_dir):
-    tokenizer, model = tiny_backbone.tokenizer, tiny_backbone.model
+def test_score_equals_naive_log_likelihood(tiny_backbone, attention, with_prompt, data_dir, eager_reference):
+    """In every attention implementation auto can pick, against naive forwards in eager attention."""
+    tokenizer, model = tiny_backbone.tokenizer, use_attention(tiny_backbone.model, attention)
     # COPA: multi-token choices of different lengths; CB: three single-token choices sharing one row
     items = encoded(tokenizer, "copa", "val", data_dir, 3) + encoded(tokenizer, "cb", "val", data_dir, 2)
     prompt = torch.randn(4, tiny_backbone.hidden_size, generator=torch.Generator().manual_seed(0)) if with_prompt else None
 
     scores = score(tiny_backbone, prompt, items, batch_size=3)
+    naive = eager_reference(model, lambda: [[naive_logprob(model, prompt, i.context, choice) for choice in i.choices] for i in items])
 
     assert scores.logprobs.shape == (1, len(items), 3)
     for e, item in enumerate(items):
         for c, choice in enumerate(item.choices):
-            expected = naive_logprob(model, prompt, item.context, choice)
+            expected = naive[e][c]
             assert scores.logprobs[0, e, c].item() == pytest.approx(expected, abs=1e-4), (e, c)
         assert all(scores.logprobs[0, e, len(item.choices) :] == float("-inf"))  # COPA has no third choice
     assert scores.labels.tolist() == [item.label for item in items]

@@ -12,7 +12,8 @@ from softprompt.backbones.loading import load_backbone
 from softprompt.cli import app
 from softprompt.eval.generation import cut_at_stop, exact_match, generation_metrics, normalize_answer, token_f1
 from softprompt.tasks.registry import Example, get_task, load_examples
-from softprompt.train.loop import TrainConfig, train
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import train
 from test_evaluate import full_logits
 
 QA_YAML = """\

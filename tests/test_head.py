@@ -1,7 +1,8 @@
 """The model's own head: logits at the scored positions equal the model's own full forward, for every family.
 
 One test over architectures whose heads differ (tied, untied, soft-capped, scaled up, scaled down):
-a family whose post-head step softprompt skipped would fail here.
+a family whose post-head step softprompt skipped would fail here. Run in every attention implementation
+that `--attention auto` can pick, against the model's own forward in eager attention.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_CONFIGS
+from conftest import TINY_CONFIGS, use_attention, with_attention
 from naive import full_logits
-from softprompt.backbones.loading import model_from_config
+from factories import model_from_config
 from softprompt.core.forward import logits_at
 
 _SMALL = dict(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -24,9 +25,9 @@ HEAD_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("arch", list(HEAD_CONFIGS))
-def test_logits_equal_the_models_own_forward(tokenizer, arch):
-    model = model_from_config(HEAD_CONFIGS[arch], tokenizer, seed=0).model
+@pytest.mark.parametrize("arch, attention", with_attention(HEAD_CONFIGS, HEAD_CONFIGS))
+def test_logits_equal_the_models_own_forward(tokenizer, arch, attention, eager_reference):
+    model = use_attention(model_from_config(HEAD_CONFIGS[arch], tokenizer, seed=0).model, attention)
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randn(3, 16, generator=generator)
     input_ids = torch.randint(5, 49152, (2, 7), generator=generator)
@@ -34,5 +35,5 @@ def test_logits_equal_the_models_own_forward(tokenizer, arch):
     rows, positions = torch.tensor([1, 0, 0, 1, 0]), torch.tensor([3, 6, 0, 3, 2])  # any order, repeats
     with torch.no_grad():
         got = logits_at(model, prompt, input_ids, mask, rows, positions)
-        want = full_logits(model, prompt, input_ids, mask)[rows, positions + 3]
+        want = eager_reference(model, lambda: full_logits(model, prompt, input_ids, mask)[rows, positions + 3])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

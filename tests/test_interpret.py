@@ -19,7 +19,8 @@ from softprompt.analysis.interpret import (
     readable,
     script_of,
 )
-from softprompt.train.loop import TrainConfig, initial_prompt
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import initial_prompt
 from softprompt.io.runs import atomic_write_json, save_prompt
 from softprompt.tasks.registry import get_task
 

@@ -1,10 +1,15 @@
-"""Mixed batches (each row its own prompt, prompts of different lengths) and generation on a prompt's keys/values."""
+"""Mixed batches (each row its own prompt, prompts of different lengths) and generation on a prompt's keys/values.
+
+The equality tests run in every attention implementation that `--attention auto` can pick; their
+references (each prompt scored alone, full forwards) always run in eager attention.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from conftest import use_attention, with_attention
 from naive import full_logits, greedy_continuation
 from softprompt.core.forward import generate, logits_at, mixed_prompt_cache, prompt_keys_values
 from softprompt.data.batch import Encoded
@@ -22,10 +27,11 @@ def _items(seed: int, shapes) -> list[Encoded]:
     return [Encoded(ids(n), tuple(ids(c) for c in choices), 0) for n, *choices in shapes]
 
 
-@pytest.mark.parametrize("tiny_backbone", ["llama", "gemma", "gpt2", "bloom"], indirect=True)
-def test_mixed_prompts_score_as_each_alone(tiny_backbone):
+@pytest.mark.parametrize("tiny_backbone, attention", with_attention(["llama", "gemma", "gpt2", "bloom"]), indirect=["tiny_backbone"])
+def test_mixed_prompts_score_as_each_alone(tiny_backbone, attention, eager_reference):
     """Three prompts of lengths 2, 5 and 3 and no prompt, interleaved in shared batches, multi-token
-    choices (continuation rows): each item's scores equal `score` under its prompt alone."""
+    choices (continuation rows): each item's scores equal `score` under its prompt alone (in eager)."""
+    use_attention(tiny_backbone.model, attention)
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randn(n, HIDDEN, generator=generator) for n in (2, 5, 3)]
     bank = [prompt_keys_values(tiny_backbone.model, p) for p in prompts] + [None]
@@ -34,17 +40,19 @@ def test_mixed_prompts_score_as_each_alone(tiny_backbone):
     mixed = score_mixed(tiny_backbone, bank, prompt_of, items, batch_size=8)
     for k in range(4):
         mine = [i for i, p in enumerate(prompt_of) if p == k]
-        alone = score(tiny_backbone, prompts[k] if k < 3 else None, [items[i] for i in mine], batch_size=2)
+        alone = eager_reference(
+            tiny_backbone.model, lambda: score(tiny_backbone, prompts[k] if k < 3 else None, [items[i] for i in mine], batch_size=2)
+        )
         width = alone.logprobs.shape[-1]
         torch.testing.assert_close(mixed.logprobs[0, mine, :width], alone.logprobs[0], atol=1e-5, rtol=1e-5)
         assert torch.equal(mixed.exact[0, mine], alone.exact[0])
     assert torch.isinf(mixed.logprobs[0, 5, 1:]).all()  # the item with one choice is -inf padded
 
 
-@pytest.mark.parametrize("tiny_backbone", ["llama", "gemma"], indirect=True)
-def test_mixed_cache_positions_equal_full_forward(tiny_backbone):
+@pytest.mark.parametrize("tiny_backbone, attention", with_attention(["llama", "gemma"]), indirect=["tiny_backbone"])
+def test_mixed_cache_positions_equal_full_forward(tiny_backbone, attention, eager_reference):
     """Row i's input starts at position len(its prompt): logits equal one full forward over [prompt_i; input_i]."""
-    model = tiny_backbone.model
+    model = use_attention(tiny_backbone.model, attention)
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randn(n, HIDDEN, generator=generator) for n in (4, 1)]
     cache, prompt_mask = mixed_prompt_cache([prompt_keys_values(model, p) for p in prompts] + [None], [1, 0, 2])
@@ -55,10 +63,10 @@ def test_mixed_cache_positions_equal_full_forward(tiny_backbone):
     with torch.no_grad():
         got = logits_at(model, None, input_ids, mask, rows, positions, prompt_cache=cache, prompt_mask=prompt_mask)
         row_prompts = [prompts[1], prompts[0], None]
-        want = torch.stack([
+        want = eager_reference(model, lambda: torch.stack([
             full_logits(model, row_prompts[r], input_ids[r : r + 1], mask[r : r + 1])[0, p + (0 if row_prompts[r] is None else len(row_prompts[r]))]
             for r, p in zip(rows.tolist(), positions.tolist())
-        ])
+        ]))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -68,17 +76,17 @@ def test_bank_index_out_of_range(tiny_backbone):
         mixed_prompt_cache(bank, [0, 3])
 
 
-@pytest.mark.parametrize("tiny_backbone", ["llama", "gemma", "gpt2"], indirect=True)
+@pytest.mark.parametrize("tiny_backbone, attention", with_attention(["llama", "gemma", "gpt2"]), indirect=["tiny_backbone"])
 @pytest.mark.parametrize("with_prompt", [True, False], ids=["prompt", "no-prompt"])
-def test_greedy_generate_equals_full_forward_loop(tiny_backbone, with_prompt):
-    model = tiny_backbone.model
+def test_greedy_generate_equals_full_forward_loop(tiny_backbone, attention, with_prompt, eager_reference):
+    model = use_attention(tiny_backbone.model, attention)
     generator = torch.Generator().manual_seed(6)
     prompt = torch.randn(3, HIDDEN, generator=generator) if with_prompt else None
     rows = [torch.randint(5, 49152, (n,), generator=generator).tolist() for n in (5, 2, 7)]  # left padding inside
     cache = None if prompt is None else prompt_keys_values(model, prompt)
     got = generate(model, cache, rows, max_new_tokens=4)
     for row, (tokens, logprobs) in zip(rows, got):
-        want_tokens, want_logprobs = greedy_continuation(model, prompt, row, 4)
+        want_tokens, want_logprobs = eager_reference(model, lambda: greedy_continuation(model, prompt, row, 4))
         assert tokens == want_tokens
         torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(want_logprobs), atol=1e-5, rtol=1e-5)
     if cache is not None:

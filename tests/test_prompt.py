@@ -17,7 +17,8 @@ from softprompt.core.prompt import (
 )
 from softprompt.core.forward import logits_at
 from softprompt.tasks.registry import TASKS
-from softprompt.train.loop import COMMON_TOKENS, TrainConfig, initial_prompt
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import COMMON_TOKENS, initial_prompt
 
 
 def numbered_rows(n: int, hidden: int = 3) -> torch.Tensor:
@@ -110,7 +111,7 @@ def test_random_init_is_uniform_in_half_unit():
 def test_embed_ids_goes_through_the_embedding_module(tokenizer):
     """Gemma scales its embeddings by sqrt(hidden): reading `.weight` directly would be wrong by 4x here."""
     from conftest import TINY_CONFIGS
-    from softprompt.backbones.loading import model_from_config
+    from factories import model_from_config
 
     model = model_from_config(TINY_CONFIGS["gemma"], tokenizer).model
     ids = [5, 17, 5]

@@ -6,7 +6,6 @@ Every failure must name the file (or flag) and leave what was on disk before int
 from __future__ import annotations
 
 import errno
-import json
 import os
 import pickle
 import re
@@ -28,13 +27,14 @@ from softprompt.io.runs import (
     RunNotFinished,
     is_done,
     load_checkpoint,
-    load_finished_run,
     load_prompt,
     read_run,
     save_checkpoint,
     save_prompt,
 )
-from softprompt.train.loop import TrainConfig, TrainingDiverged, train
+from softprompt.io.sources import load_prompt_source
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import TrainingDiverged, train
 
 from conftest import FIXTURE_DATA
 from tiny_train import fail_at_loss_step, tiny_config
@@ -173,7 +173,7 @@ def test_a_half_written_run_is_not_done_and_is_refused(tmp_path, tiny_backbone, 
     assert read_run(out)["status"] == "running" and (out / PROMPT_FILE).is_file()
     assert not is_done(out)
     with pytest.raises(RunNotFinished, match=rf"{re.escape(str(out))} is not a finished run \(status 'running'\)"):
-        load_finished_run(out)
+        load_prompt_source(out)
     result = CliRunner().invoke(app, ["evaluate", "--task", "cb", "--prompt", str(out)])
     assert result.exit_code == 2 and "is not a finished run" in result.output
     load_prompt(out / PROMPT_FILE)  # the file itself is still there for whoever asks for it by name

@@ -23,7 +23,8 @@ import softprompt.train.loop as train_module
 from softprompt.backbones.loading import load_backbone
 from softprompt.cli import app
 from softprompt.io.runs import CHECKPOINT_FILE, PROMPT_FILE, RUN_FILE, CheckpointError, load_checkpoint, load_prompt, read_run
-from softprompt.train.loop import TrainConfig, train
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import train
 
 from conftest import FIXTURE_DATA
 from tiny_train import fail_at_loss_step, tiny_config

@@ -137,7 +137,7 @@ def test_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_path):
 TRAIN_ONE = """
 import json, sys
 from softprompt.study.executors import RunJob, train_run
-from softprompt.train.loop import TrainConfig
+from softprompt.train.config import TrainConfig
 config = TrainConfig(**json.loads(sys.argv[1]))
 print(json.dumps(train_run(RunJob("cb-s0", config, sys.argv[2], sys.argv[3], threads=1)).__dict__), flush=True)
 """

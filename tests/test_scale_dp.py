@@ -20,7 +20,8 @@ import torch
 from softprompt.backbones.loading import load_backbone
 from softprompt.io.runs import CHECKPOINT_FILE, PROMPT_FILE, RUN_FILE, load_checkpoint, load_prompt, read_run
 from softprompt.train.distributed import share
-from softprompt.train.loop import TrainConfig, train
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import train
 
 from conftest import FIXTURE_DATA
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from softprompt.backbones.loading import model_from_config
+from factories import model_from_config
 from softprompt.data.batch import encode
 from softprompt.study.score_cache import cached_scores, score_cache_model_key
 from softprompt.tasks.registry import get_task, load_examples

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from conftest import TINY_CONFIGS
 from serve_helpers import PROMPT_LENGTHS, bank_for, start, write_sources
-from softprompt.backbones.loading import model_from_config
+from factories import model_from_config
 from softprompt.cli import app as cli
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import score

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import TINY_CONFIGS
 from serve_helpers import bank_for, start, write_sources
-from softprompt.backbones.loading import model_from_config
+from factories import model_from_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -9,7 +9,8 @@ import torch
 
 from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
 from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_prompt
-from softprompt.train.loop import TrainConfig, train
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import train
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ import torch
 from softprompt.io.peft import export_peft
 from softprompt.io.runs import load_prompt
 from softprompt.tasks.registry import TASKS
-from softprompt.train.loop import TrainConfig, initial_prompt, train
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import initial_prompt, train
 
 TINY = dict(num_tokens=4, lr=0.3, epochs=1, min_dev_examples=6, batch_size=8, device="cpu")
 

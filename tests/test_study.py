@@ -36,7 +36,7 @@ TABLES = ("accuracy", "ensemble", "stochasticity", "zero_shot", "runs", "similar
 
 def tiny_study(model: Path, **overrides) -> StudyConfig:
     data = dict(tasks=["cb", "rte"], seeds=[0, 1], model=str(model), num_tokens=4, lr=0.05, epochs=1, max_steps=2,
-                batch_size=4, min_dev_examples=4, eval_batch_size=8, top_k=2, device="cpu", max_eval_examples=5,
+                batch_size=4, min_dev_examples=4, eval_batch_size=8, top_k=2, device="cpu", max_val_examples=5,
                 snapshot_every=1, spot_steps=2, probe_examples=2, ablation_lengths=[1, 4], ablation_inits=["text", "random"])
     return StudyConfig.from_dict(data | overrides)
 
@@ -212,9 +212,10 @@ def test_stage_keys_are_checked(change, message):
         ({"per_task": {"rte": {"lr": "fast"}}}, r"\[per_task.rte\]: key `lr` must be float"),
         ({"per_task": {"rte": {"init": "glove"}}}, r"\[per_task.rte\]: `init` must be one of text, class-labels, vocab, random, prompt, got 'glove'"),
         ({"per_task": {"rte": 3}}, "`per_task` must be tables"),
+        ({"max_eval_examples": 64}, r"key `max_eval_examples` is now `max_val_examples` \(the same seeded random subsample .*\); rename it"),
     ],
     ids=["no-tasks", "bad-task", "dup-seeds", "lr-type", "lr-value", "unknown-key", "per-run-key", "transfer-seed", "bool-seed",
-         "per-task-task", "per-task-shared-key", "per-task-type", "per-task-value", "per-task-table"],
+         "per-task-task", "per-task-shared-key", "per-task-type", "per-task-value", "per-task-table", "renamed-max-eval-examples"],
 )
 def test_study_config_errors_name_the_key(change, message):
     data = dict(tasks=["cb", "rte"], seeds=[0, 1]) | change
@@ -247,7 +248,7 @@ def test_study_command_continues_a_study(study_dir, tiny_model_dir, tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(
         f'tasks = ["cb", "rte"]\nseeds = [0, 1]\nmodel = "{tiny_model_dir}"\nnum_tokens = 4\nlr = 0.05\nepochs = 1\nmax_steps = 2\n'
-        'batch_size = 4\nmin_dev_examples = 4\neval_batch_size = 8\ntop_k = 2\ndevice = "cpu"\nmax_eval_examples = 5\n'
+        'batch_size = 4\nmin_dev_examples = 4\neval_batch_size = 8\ntop_k = 2\ndevice = "cpu"\nmax_val_examples = 5\n'
         'snapshot_every = 1\nspot_steps = 2\nprobe_examples = 2\nablation_lengths = [1, 4]\nablation_inits = ["text", "random"]\n'
     )
     result = CliRunner().invoke(app, ["study", str(config), "--out", str(study_dir), "--data-dir", str(FIXTURE_DATA), "--quiet"])

@@ -19,7 +19,8 @@ from softprompt.eval.task_metrics import grouped_metrics
 from softprompt.io.runs import load_prompt
 from softprompt.tasks.registry import TASKS, DataError, Example, get_task, load_examples
 from softprompt.tasks.taskfile import TaskFileError, load_task_file
-from softprompt.train.loop import TrainConfig, train
+from softprompt.train.config import TrainConfig, load_train_task
+from softprompt.train.loop import train
 
 from conftest import FIXTURE_DATA, SHARED_DATA
 
@@ -244,4 +245,4 @@ def test_missing_task_file_and_invalid_yaml(tmp_path):
 
 def test_training_on_a_task_without_train_split_names_the_split():
     with pytest.raises(ValueError, match=r"--task boolq: task boolq has no train split: .*boolq\.yaml sets no training_split; it can be evaluated but not trained on"):
-        TrainConfig(task="boolq")
+        load_train_task("boolq")

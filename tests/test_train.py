@@ -12,12 +12,14 @@ import torch
 
 from conftest import ARCHITECTURES, TINY_CONFIGS
 from tiny_train import tiny_config as shared_tiny_config
-from softprompt.backbones.loading import model_from_config
+from factories import model_from_config
 from softprompt.data.batch import encode, train_batch
 from softprompt.eval.scoring import metrics, score
-from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_prompt
+from softprompt.io.runs import CHECKPOINT_FILE, PROMPT_FILE, RUN_FILE, RunWriter, config_differences, load_prompt
 from softprompt.tasks.registry import TASKS, load_examples
-from softprompt.train.loop import TrainConfig, TrainingDiverged, config_differences, initial_prompt, loss_step, make_splits, train, val_subsample
+from softprompt.train.config import TrainConfig, load_train_task
+from softprompt.train.loop import TrainingDiverged, initial_prompt, loss_step, train
+from softprompt.data.splits import make_splits, val_subsample
 
 # 24 train rows per task in the fixture: a dev slice of 6, 18 left to train on.
 TINY = dict(epochs=1, min_dev_examples=6, batch_size=8, max_length=256)
@@ -168,26 +170,26 @@ def test_patience_counts_epochs_without_improvement(tiny_backbone, data_dir, tmp
 
 def test_splits_are_stratified_disjoint_and_seeded_by_data_seed(data_dir):
     task = TASKS["cb"]
-    splits = make_splits(task, tiny_config(min_dev_examples=6), data_dir)
+    splits = make_splits(task, data_dir, **tiny_config(min_dev_examples=6).split_options())
     assert (len(splits.train), len(splits.dev), len(splits.val)) == (18, 6, 6)
     assert sorted(e.label for e in splits.dev) == [0, 0, 1, 1, 2, 2]
     assert not {e.text for e in splits.train} & {e.text for e in splits.dev}
     assert {e.text for e in splits.train} | {e.text for e in splits.dev} == {e.text for e in load_examples(task, "train", data_dir)}
-    same = make_splits(task, tiny_config(seed=5), data_dir)  # the training seed does not move the dev slice
-    other = make_splits(task, tiny_config(data_seed=5), data_dir)
+    same = make_splits(task, data_dir, **tiny_config(seed=5).split_options())  # the training seed does not move the dev slice
+    other = make_splits(task, data_dir, **tiny_config(data_seed=5).split_options())
     assert [e.text for e in same.dev] == [e.text for e in splits.dev]
     assert {e.text for e in other.dev} != {e.text for e in splits.dev}
-    small = make_splits(task, tiny_config(max_train_examples=6), data_dir)
+    small = make_splits(task, data_dir, **tiny_config(max_train_examples=6).split_options())
     assert sorted(e.label for e in small.train) == [0, 0, 1, 1, 2, 2]
     assert [e.text for e in small.dev] == [e.text for e in splits.dev]
 
 
 def test_dev_and_val_subsamples_are_seeded_and_held_out(data_dir):
     """--max-dev-examples keeps a stratified part of the dev slice (the rest is not trained on);
-    --max-val-examples keeps the very examples a study's `max_eval_examples` scores, in file order."""
+    --max-val-examples keeps the very examples a study with that `max_val_examples` scores, in file order."""
     task = TASKS["cb"]
-    full = make_splits(task, tiny_config(min_dev_examples=6), data_dir)
-    cut = make_splits(task, tiny_config(min_dev_examples=6, max_dev_examples=3, max_val_examples=4), data_dir)
+    full = make_splits(task, data_dir, **tiny_config(min_dev_examples=6).split_options())
+    cut = make_splits(task, data_dir, **tiny_config(min_dev_examples=6, max_dev_examples=3, max_val_examples=4).split_options())
     assert sorted(e.label for e in cut.dev) == [0, 1, 2]
     assert {e.text for e in cut.dev} < {e.text for e in full.dev}
     assert [e.text for e in cut.train] == [e.text for e in full.train]
@@ -196,7 +198,7 @@ def test_dev_and_val_subsamples_are_seeded_and_held_out(data_dir):
     assert [val.index(e) for e in cut.val] == sorted(val.index(e) for e in cut.val)
     assert val_subsample(val, 100, 0) == val
     with pytest.raises(ValueError, match=r"--max-dev-examples 2: cannot draw a stratified subsample of 6 examples"):
-        make_splits(task, tiny_config(min_dev_examples=6, max_dev_examples=2), data_dir)
+        make_splits(task, data_dir, **tiny_config(min_dev_examples=6, max_dev_examples=2).split_options())
 
 
 def test_a_field_missing_from_an_older_run_counts_as_its_default():
@@ -211,7 +213,7 @@ def test_a_field_missing_from_an_older_run_counts_as_its_default():
 
 def test_too_few_examples_for_the_dev_slice(data_dir):
     with pytest.raises(ValueError, match=r"cb has 24 train examples, too few for a dev slice of 32"):
-        make_splits(TASKS["cb"], TrainConfig(task="cb"), data_dir)
+        make_splits(TASKS["cb"], data_dir, **TrainConfig(task="cb").split_options())
 
 
 @pytest.mark.parametrize(
@@ -240,11 +242,13 @@ def test_config_errors_name_the_flag(field, value, message):
         TrainConfig(task="cb", **{field: value})
 
 
-def test_config_rejects_unknown_task_and_init():
+def test_config_rejects_unknown_task_and_init(tmp_path):
+    # the task is checked where it is loaded (TrainConfig reads no files): before any model loads or anything is written
     with pytest.raises(ValueError, match="unknown task 'record'; choose one of: cb, rte, copa, wsc, wic, multirc, boolq"):
-        TrainConfig(task="record")
+        train(TrainConfig(task="record"), tmp_path / "run")
     with pytest.raises(ValueError, match=r"--task boolq: task boolq has no train split: .*boolq\.yaml sets no training_split"):
-        TrainConfig(task="boolq")  # evaluation only: the release here has no BoolQ/train.jsonl
+        load_train_task("boolq")  # evaluation only: the release here has no BoolQ/train.jsonl
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="--init must be one of text, class-labels, vocab, random, prompt, got 'words'"):
         TrainConfig(task="cb", init="words")
 
@@ -267,3 +271,20 @@ def test_run_records_the_token_each_row_started_on(tiny_backbone, data_dir, tmp_
     if init == "class-labels":  # the verbalizers come first
         labels = [tiny_backbone.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in TASKS["cb"].label_words]
         assert record["init_ids"][: len(labels)] == labels
+
+
+def test_run_writer_writes_only_where_it_writes(tmp_path):
+    """Data-parallel: every rank but 0 gets RunWriter(writes=False), which leaves the folder alone."""
+    for writes, folder in ((False, tmp_path / "rank1"), (True, tmp_path / "rank0")):
+        writer = RunWriter(folder, writes=writes)
+        writer.save_prompt(torch.ones(2, 3), {"task": "cb"})
+        writer.save_prompt(torch.ones(2, 3), {"task": "cb"}, "snapshots/epoch-0000.safetensors")
+        writer.save_checkpoint({"prompt": torch.ones(2, 3)}, {"step": 1})
+        writer.write_record({"status": "running"})
+    assert not (tmp_path / "rank1").exists()
+    assert sorted(str(p.relative_to(tmp_path / "rank0")) for p in (tmp_path / "rank0").rglob("*.*")) == [
+        CHECKPOINT_FILE, PROMPT_FILE, RUN_FILE, "snapshots/epoch-0000.safetensors"]
+    RunWriter(tmp_path / "rank0", writes=False).remove_checkpoint()
+    assert (tmp_path / "rank0" / CHECKPOINT_FILE).is_file()
+    RunWriter(tmp_path / "rank0").remove_checkpoint()
+    assert not (tmp_path / "rank0" / CHECKPOINT_FILE).exists()

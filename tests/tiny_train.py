@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import softprompt.train.loop as train_module
-from softprompt.train.loop import TrainConfig
+from softprompt.train.config import TrainConfig
 
 TINY_TRAIN = dict(task="cb", min_dev_examples=4, batch_size=4, num_tokens=4, max_length=64, lr=0.3, device="cpu")
 

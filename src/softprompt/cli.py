@@ -14,18 +14,19 @@ from click.core import ParameterSource
 from torch import Tensor
 
 from softprompt.flags import HELP_KEY
-from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, Backbone, load_backbone, tokenizer_identity
+from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, Backbone, load_backbone
 from softprompt.eval.evaluate import evaluate
 from softprompt.eval.scoring import PromptMode
 from softprompt.eval.generation import generate_texts
 from softprompt.core.prompt import embed_text
 from softprompt.io.runs import atomic_write_json, read_run
-from softprompt.io.sources import check_tokenizer, load_prompt_source
+from softprompt.io.sources import load_prompt_source
 from softprompt.study.executors import ExecutorConfig
 from softprompt.serve.config import ServeConfig
 from softprompt.tasks.registry import DATA_DIR_ENV, get_task, load_examples
 from softprompt.train import distributed
-from softprompt.train.loop import TrainConfig, TrainingDiverged, config_from_run, train
+from softprompt.train.config import TrainConfig, config_from_run
+from softprompt.train.loop import TrainingDiverged, train
 
 
 def _click_type(annotation) -> tuple[object, bool]:
@@ -87,17 +88,14 @@ def load_prompted_backbone(prompt_path: Path | None, model: str | None, device: 
     """The backbone (`--model`, else the prompt's own model, else the default) and the `[P, H]` prompt checked against it.
 
     Raises:
-        PromptFileError: the prompt's hidden size is not the backbone's; ValueError: it was trained
-            under another tokenizer. FileNotFoundError: no prompt at `prompt_path`.
+        PromptFileError: the prompt's hidden size is not the backbone's, or it was trained under
+            another tokenizer. FileNotFoundError: no prompt at `prompt_path`.
     """
     source = load_prompt_source(prompt_path) if prompt_path is not None else None
     backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device, dtype)
     if source is None:
         return backbone, None
-    source = load_prompt_source(prompt_path, hidden_size=backbone.hidden_size)
-    identity = tokenizer_identity(backbone.tokenizer)
-    check_tokenizer(source, int(identity["vocab_size"]), identity["tokenizer_sha256"], backbone.name)
-    return backbone, source.prompt
+    return backbone, load_prompt_source(prompt_path, backbone=backbone).prompt  # every check: hidden size, tokenizer, ...
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -165,7 +163,7 @@ TASK_HELP = "Built-in task (cb, rte, copa, wsc, wic, multirc, boolq; see `softpr
 @click.option("--text-prompt", is_flag=True, help="The task's discrete good-prompt text, as token embeddings.")
 @click.option("--model", default=None, help=f"Backbone (default: the prompt's model, else {DEFAULT_MODEL}).")
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N examples of the split.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N examples of the split, in file order (a quick look; train's --max-val-examples draws a seeded random subsample).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Most examples per forward.")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -206,7 +204,7 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, li
 @click.option("--text", "texts", multiple=True, help="Text to continue (repeatable).")
 @click.option("--task", default=None, help=TASK_HELP + " Continue its examples instead of --text.")
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=5, show_default=True, help="Examples of --task to continue.")
+@click.option("--limit", type=click.IntRange(min=1), default=5, show_default=True, help="The first N examples of --task's split to continue, in file order.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Default: the task's max_gen_toks, else 32.")
 @click.option("--model", default=None, help=f"Backbone (default: the prompt's model, else {DEFAULT_MODEL}).")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True)

@@ -372,32 +372,6 @@ def model_folder(name: str) -> tuple[Path | str, str | None]:
     )
 
 
-def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
-    """The tokenizer alone: from the cached copy of a preset, else from its GGUF file once (then cached)."""
-    if name not in PRESETS:
-        source, gguf_file = model_folder(name)
-        return AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
-    for folder in (cache_root() / "models" / name, cache_root() / "tokenizers" / name):
-        if (folder / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(folder)
-    gguf = preset_gguf_path(PRESETS[name])
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # ~1 min for Gemma 3's 262k vocabulary
-    folder = cache_root() / "tokenizers" / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=_mkdir(folder.parent)))
-    try:
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return tokenizer
-
-
-def _mkdir(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
     """The vocabulary a prompt was trained under, for its header: size and a SHA-256 of (token, id) pairs."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
@@ -504,16 +478,3 @@ def on_fast_path(backbone: Backbone, dtype: torch.dtype, attention: str = "auto"
         fp32.set_attn_implementation(choose_attention(fp32, backbone.device, torch.float32))
     return replace(backbone, model=model, reference=fp32 if judge_in_float32 else None)
 
-
-def model_from_config(
-    config_dict: dict, tokenizer: PreTrainedTokenizerBase, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> Backbone:
-    """A tiny random backbone built from a config (for tests and examples; nothing is downloaded).
-
-    The weights are drawn in fp32 and then cast, so one seed gives the same model in every dtype.
-    """
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(dtype)
-    check_pad_token(tokenizer, f"random-{config.model_type}")
-    return Backbone(freeze(model), tokenizer, f"random-{config.model_type}", torch.device("cpu"))

@@ -15,6 +15,8 @@ import platform
 import secrets
 import stat
 import subprocess
+from dataclasses import MISSING, dataclass, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from softprompt.tasks.registry import Task
+from softprompt.tasks.taskfile import data_files
+
 PROMPT_FILE = "prompt.safetensors"
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+SNAPSHOT_DIR = "snapshots"
+RESUMABLE_CHANGES = ("checkpoint_every",)  # config fields a resumed run may change: none alters the result
 PROMPT_KEY = "prompt"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # torch.save writes a zip archive ("PK\x03\x04"); a bare pickle starts with PROTO 2..5 ("\x80\x02").
@@ -254,26 +261,6 @@ def is_done(run_dir: Path) -> bool:
     except (FileNotFoundError, ValueError):
         return False
 
-def load_finished_run(run_dir: Path, hidden_size: int | None = None) -> tuple[dict, Tensor, dict[str, str]]:
-    """A finished run's record and verified best prompt: (run.json, `[P, H]` prompt, prompt header).
-
-    Analyses and reports read runs through this, so a crashed or running run is never used.
-
-    Raises:
-        RunNotFinished: run.json status is not `done` (running, killed, diverged).
-        FileNotFoundError, ValueError, PromptFileError: as `read_run` and `load_prompt`.
-    """
-    record = read_run(run_dir)
-    status = record.get("status")
-    if status != "done":
-        raise RunNotFinished(
-            f"{run_dir} is not a finished run (status {status!r}); resume it with "
-            f"`softprompt train --resume {run_dir}`, or pass {Path(run_dir) / PROMPT_FILE} to use its last best prompt anyway"
-        )
-    prompt, metadata = load_prompt(Path(run_dir) / PROMPT_FILE, hidden_size)
-    return record, prompt, metadata
-
-
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -299,3 +286,122 @@ def provenance() -> dict[str, Any]:
         "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,  # data-parallel ranks
         "git_commit": git_commit(),
     }
+
+
+@dataclass(frozen=True)
+class RunWriter:
+    """Writes one run folder, or nothing: with data-parallel training every rank trains, rank 0 alone writes.
+
+    Attributes:
+        folder: the run folder.
+        writes: whether this process writes it (False: every method is a no-op).
+    """
+
+    folder: Path
+    writes: bool = True
+
+    def save_prompt(self, prompt: Tensor, metadata: dict[str, str], name: str = PROMPT_FILE) -> None:
+        """`prompt` as `folder/name` (a path under the folder, e.g. snapshots/epoch-0001.safetensors)."""
+        if self.writes:
+            save_prompt(self.folder / name, prompt, metadata)
+
+    def save_checkpoint(self, tensors: dict[str, Tensor], state: dict) -> None:
+        if self.writes:
+            save_checkpoint(self.folder / CHECKPOINT_FILE, tensors, state)
+
+    def write_record(self, record: dict) -> None:
+        """run.json."""
+        if self.writes:
+            atomic_write_json(self.folder / RUN_FILE, record)
+
+    def cleanup(self) -> None:
+        """Delete the temp files a kill left mid-write (the real files are whole)."""
+        if self.writes:
+            remove_temp_files(self.folder)
+
+    def remove_checkpoint(self) -> None:
+        """A finished run is its prompt and record; nothing is left to resume."""
+        if self.writes:
+            (self.folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
+# --- the run-folder policy: what may be written over or resumed --------------------------------
+
+
+def data_fingerprint(task: Task, data_dir: str | Path | None) -> dict:
+    """The data folder, the task file and the SHA-256 of the task's train and val files, for run.json and resume checks.
+
+    A split read from several files hashes their bytes in order; a hub dataset (no local files) gets None.
+    """
+    sha, folder = {}, None
+    for split in ("train", "val"):
+        paths = [p for p in data_files(task, split, data_dir) if p.is_file()]
+        digest = hashlib.sha256()
+        for path in paths:
+            digest.update(path.read_bytes())
+        sha[f"{split}_sha256"] = digest.hexdigest() if paths else None
+        folder = folder or (paths[0].resolve().parents[1 if task.folder else 0] if paths else None)
+    return {"dir": str(folder) if folder else None, "task_file": str(task.source.resolve()), **sha}
+
+
+def config_differences(saved: dict, config: Any, ignore: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """{field: (saved value, `config`'s value)} for every field of `config` a run's saved config sets otherwise.
+
+    `config` is a config dataclass with `to_json()` (a TrainConfig). A field the saved config lacks
+    (the run was made before the field existed) counts as its default, which is what that run did;
+    `ignore` names fields that may differ.
+    """
+    defaults = {f.name: f.default.value if isinstance(f.default, Enum) else f.default for f in fields(config) if f.default is not MISSING}
+    wanted = config.to_json()
+    out = {}
+    for key in sorted(wanted):
+        before = saved.get(key, defaults.get(key))
+        if key not in ignore and before != wanted[key]:
+            out[key] = (before, wanted[key])
+    return out
+
+
+def check_run_dir(out_dir: Path, config: Any, data: dict, resume: bool) -> None:
+    """Refuse to overwrite a run, and to resume a finished run, another config or changed data.
+
+    `config` is the run's config dataclass (a TrainConfig); `data` its `data_fingerprint`.
+
+    Raises:
+        ValueError: the message says what differs and what to do.
+        FileNotFoundError: `resume` on a folder without run.json.
+    """
+    if not resume:
+        if (out_dir / RUN_FILE).exists():
+            raise ValueError(
+                f"{out_dir} already holds a run; continue it with `softprompt train --resume {out_dir}` "
+                f"(library: resume=True), or choose another --out"
+            )
+        return
+    record = read_run(out_dir)
+    if record.get("status") == "done":
+        raise ValueError(f"{out_dir} is a finished run (status done); nothing to resume. Train into another --out")
+    changed = config_differences(record.get("config", {}), config, ignore=RESUMABLE_CHANGES)
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {saved!r} -> {current!r}" for k, (saved, current) in changed.items())
+        raise ValueError(f"cannot resume {out_dir} with another config ({diffs}); resume with the run's own settings")
+    old = record.get("data", {})
+    for key in ("train_sha256", "val_sha256"):
+        if old.get(key) != data[key]:
+            raise ValueError(
+                f"cannot resume {out_dir}: the {key.split('_')[0]} data in {data['dir']} changed since the run started "
+                f"(sha256 {old.get(key)} -> {data[key]}); resume with the original data (--data-dir)"
+            )
+
+
+def check_resume_dtype(out_dir: Path, dtype: str) -> None:
+    """Refuse to resume a run in another weight dtype than it started in (`auto` may resolve differently here).
+
+    Raises:
+        ValueError: naming both dtypes.
+    """
+    started = read_run(out_dir).get("dtype")
+    if started is not None and started != dtype:
+        raise ValueError(
+            f"cannot resume {out_dir}: it was trained with {started} weights, and this backbone is {dtype}; "
+            f"resume with --dtype {started}"
+        )

@@ -9,8 +9,10 @@
 - a `prompt.safetensors` file (softprompt's own), or an `adapter_model.safetensors` file (PEFT's).
 
 Every source goes through the same checks: no pickle, a readable safetensors file, the checksum in
-a softprompt header, a `[P, H]` shape, finite values and, when given, the backbone's hidden size.
-A folder that is neither a run nor an adapter, or a run that has not finished, is refused by name.
+a softprompt header, a `[P, H]` shape, finite values and, given the backbone, its hidden size and its
+tokenizer (a prompt trained under another vocabulary is refused). Every command that reads a prompt
+(`evaluate`, `generate`, `serve`, `train --init prompt --init-from`) loads it here, so each one makes
+every check. A folder that is neither a run nor an adapter, or a run that has not finished, is refused by name.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from softprompt.backbones.loading import Backbone, tokenizer_identity
 from softprompt.io.peft import ADAPTER_CONFIG, ADAPTER_KEY, is_adapter_dir, read_adapter, read_adapter_file
 from softprompt.io.runs import (
     PICKLE_SUFFIXES,
@@ -89,12 +92,14 @@ class LoadedPrompt:
         return self.metadata.get("sha256") or tensor_sha256(self.prompt)
 
 
-def load_prompt_source(path: str | Path, hidden_size: int | None = None) -> LoadedPrompt:
+def load_prompt_source(path: str | Path, hidden_size: int | None = None, backbone: Backbone | None = None) -> LoadedPrompt:
     """Load and verify a prompt from any source softprompt reads (see the module docstring).
 
     Args:
         path: a run folder, a PEFT adapter folder, a `prompt.safetensors` or an `adapter_model.safetensors`.
-        hidden_size: when given, the backbone's hidden size the prompt must match.
+        hidden_size: when given, the hidden size the prompt must match (implied by `backbone`).
+        backbone: when given, the backbone the prompt will run on: its hidden size and, where the
+            prompt's header records one, its tokenizer must match.
 
     Returns:
         The `[P, H]` fp32 prompt with its metadata, run record and kind.
@@ -102,16 +107,15 @@ def load_prompt_source(path: str | Path, hidden_size: int | None = None) -> Load
     Raises:
         FileNotFoundError: nothing at `path`, or a folder that is neither a run nor an adapter.
         RunNotFinished: a run folder whose status is not `done` or `imported`.
-        PromptFileError: pickled, truncated, altered, non-finite, wrongly shaped, or another hidden size.
+        PromptFileError: pickled, truncated, altered, non-finite, wrongly shaped, another hidden size,
+            or trained under another tokenizer than `backbone`'s.
     """
     path = Path(path)
-    if path.is_dir():
-        return _load_folder(path, hidden_size)
-    if path.suffix in PICKLE_SUFFIXES:
-        refuse_pickle(path, b"", PromptFileError)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt source not found: {path}; give a run folder, a PEFT adapter folder or a .safetensors file")
-    return _load_file(path, hidden_size)
+    hidden_size = backbone.hidden_size if backbone is not None else hidden_size
+    loaded = _load_folder(path, hidden_size) if path.is_dir() else _load_file(path, hidden_size)
+    if backbone is not None:
+        check_tokenizer(loaded, tokenizer_identity(backbone.tokenizer), backbone.name)
+    return loaded
 
 
 def _load_folder(path: Path, hidden_size: int | None) -> LoadedPrompt:
@@ -141,6 +145,10 @@ def _load_folder(path: Path, hidden_size: int | None) -> LoadedPrompt:
 
 def _load_file(path: Path, hidden_size: int | None) -> LoadedPrompt:
     """A bare safetensors file, told apart by its tensor's name: `prompt` (ours) or `prompt_embeddings` (PEFT)."""
+    if path.suffix in PICKLE_SUFFIXES:
+        refuse_pickle(path, b"", PromptFileError)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt source not found: {path}; give a run folder, a PEFT adapter folder or a .safetensors file")
     data = path.read_bytes()
     refuse_pickle(path, data, PromptFileError)
     tensors, _ = read_safetensors(path, data, PromptFileError)
@@ -156,24 +164,29 @@ def _load_file(path: Path, hidden_size: int | None) -> LoadedPrompt:
     )
 
 
-def check_tokenizer(loaded: LoadedPrompt, vocab_size: int, tokenizer_sha256: str, model: str) -> None:
+def check_tokenizer(loaded: LoadedPrompt, identity: dict[str, str], model: str) -> None:
     """Refuse a prompt trained under another vocabulary than the backbone's (when its header records one).
 
     A prompt's rows live in the embedding space of the vocabulary it was trained with; under another
     tokenizer the same text becomes other ids, and a hidden-size match alone does not catch it.
 
+    Args:
+        identity: the backbone's `tokenizer_identity` (vocab_size, tokenizer_sha256).
+        model: the backbone's name, for the message.
+
     Raises:
         PromptFileError: naming both vocabulary sizes (or both tokenizer hashes) and the fix.
     """
+    vocab_size, tokenizer_sha256 = int(identity["vocab_size"]), identity["tokenizer_sha256"]
     recorded_size, recorded_sha = loaded.metadata.get("vocab_size"), loaded.metadata.get("tokenizer_sha256")
     trained_on = loaded.model or "another model"
     if recorded_size is not None and int(recorded_size) != vocab_size:
         raise PromptFileError(
             f"{loaded.path}: the prompt was trained under a tokenizer of {recorded_size} tokens ({trained_on}), but "
-            f"{model}'s has {vocab_size}; evaluate it with the model it was trained on (--model {trained_on})"
+            f"{model}'s has {vocab_size}; use it with the model it was trained on (--model {trained_on})"
         )
     if recorded_sha is not None and recorded_sha != tokenizer_sha256:
         raise PromptFileError(
             f"{loaded.path}: the prompt was trained under another tokenizer (sha256 {recorded_sha[:12]}..., {trained_on}) "
-            f"than {model}'s ({tokenizer_sha256[:12]}..., same size {vocab_size}); evaluate it with --model {trained_on}"
+            f"than {model}'s ({tokenizer_sha256[:12]}..., same size {vocab_size}); use it with the model it was trained on (--model {trained_on})"
         )

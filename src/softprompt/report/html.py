@@ -504,7 +504,7 @@ def protocol_html(results: dict) -> str:
         f"{v(results['protocol']['representative_seed'])}'s prompt for each task.",
         *[f"For {e(task.upper())} only: " + ", ".join(f"{e(k)} = {v(val)}" for k, val in keys.items()) + "."
           for task, keys in s.get("per_task", {}).items()],
-        "Evaluation: official SuperGLUE val split" + (f", a seeded random subsample of {v(s['max_eval_examples'])} examples per task" if s.get("max_eval_examples") else " in full") + ".",
+        "Evaluation: official SuperGLUE val split" + (f", a seeded random subsample of {v(size)} examples per task" if (size := s.get("max_val_examples") or s.get("max_eval_examples")) else " in full") + ".",
     ]
     other_init = sorted(t.upper() for t, keys in s.get("per_task", {}).items() if keys.get("init", "text") != "text")
     if s["init"] == "text":

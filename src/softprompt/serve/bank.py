@@ -78,7 +78,7 @@ def load_bank(backbone: Backbone, sources: list[tuple[str, Path]]) -> list[BankE
     for name, path in sources:
         if name in (entry.name for entry in bank):
             raise ValueError(f"--prompt name {name!r} is given twice (or is the backbone's name); give each prompt its own name")
-        loaded = load_prompt_source(path, backbone.hidden_size)  # checksum, no-pickle, finite, hidden size
+        loaded = load_prompt_source(path, backbone=backbone)  # checksum, no-pickle, finite, hidden size, tokenizer
         prompt = loaded.prompt.to(backbone.device)
         cache = prompt_keys_values(backbone.model, prompt)
         reference_cache = None if backbone.reference is None else prompt_keys_values(backbone.reference, prompt)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from softprompt.core.prompt import InitMethod
 from softprompt.study.grid import val_accuracy
-from softprompt.train.loop import TrainConfig
+from softprompt.train.config import TrainConfig
 
 
 def _ablation_dir(out_dir: Path, task: str, init: str, n: int) -> Path:

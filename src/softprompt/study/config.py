@@ -15,7 +15,7 @@ from softprompt.backbones.loading import DEFAULT_MODEL
 from softprompt.core.prompt import InitMethod
 from softprompt.flags import flag_help
 from softprompt.tasks.registry import get_task
-from softprompt.train.loop import TrainConfig
+from softprompt.train.config import TrainConfig, load_train_task
 
 PER_RUN_KEYS = ("task", "seed")  # set by the study for each run, not in the config file
 SHARED_KEYS = ("model", "num_tokens", "device", "dtype")  # one backbone, prompts of one shape: never set per task
@@ -41,9 +41,6 @@ class StudyConfig:
     )
     transfer_seed: int | None = field(
         default=None, metadata=flag_help("Whose prompt stands for a task in transfer and similarity (default: the first seed).")
-    )
-    max_eval_examples: int | None = field(
-        default=None, metadata=flag_help("Score a seeded random subsample of each val split of this size (default: all of it).")
     )
     top_k: int = field(default=3, metadata=flag_help("Nearest tokens per prompt row."))
     name: str = field(default="", metadata=flag_help("A title for the report."))
@@ -71,8 +68,6 @@ class StudyConfig:
             raise ValueError(f"study key `seeds` must list distinct integers, got {list(self.seeds)}")
         if self.transfer_seed is not None and self.transfer_seed not in self.seeds:
             raise ValueError(f"study key `transfer_seed` = {self.transfer_seed} is not one of `seeds` {list(self.seeds)}")
-        if self.max_eval_examples is not None and self.max_eval_examples < 1:
-            raise ValueError(f"study key `max_eval_examples` must be at least 1, got {self.max_eval_examples}")
         if self.top_k < 1:
             raise ValueError(f"study key `top_k` must be at least 1, got {self.top_k}")
         self._check_stage_keys()
@@ -87,6 +82,7 @@ class StudyConfig:
                 raise ValueError(f"[per_task.{task}] cannot set {bad}; per-task keys: {', '.join(PER_TASK_KEYS)}")
         for task in self.tasks:
             try:
+                load_train_task(task)  # a task without a train split is refused before anything trains
                 self.train_config(task, self.seeds[0])
             except ValueError as e:  # TrainConfig names the CLI flag (--lr); name the TOML key (lr) instead
                 where = f"[per_task.{task}]: " if task in self.per_task else ""
@@ -116,8 +112,8 @@ class StudyConfig:
         return self.seeds[0] if self.transfer_seed is None else self.transfer_seed
 
     def train_config(self, task: str, seed: int) -> TrainConfig:
-        """A run's config; its val report uses the study's eval subsample (`max_val_examples`) unless a key sets another."""
-        keys = {"max_val_examples": self.max_eval_examples, **self.train, **self.per_task.get(task, {})}
+        """A run's config: the shared training keys, then the task's own."""
+        keys = {**self.train, **self.per_task.get(task, {})}
         return TrainConfig(task=task, seed=seed, **keys)
 
     def to_json(self) -> dict:
@@ -143,6 +139,11 @@ class StudyConfig:
         per_task = data.pop("per_task", {})
         if not isinstance(per_task, dict) or not all(isinstance(t, dict) for t in per_task.values()):
             raise ValueError(f"{source}: `per_task` must be tables like [per_task.rte], got {per_task!r}")
+        if "max_eval_examples" in data or any("max_eval_examples" in t for t in per_task.values()):
+            raise ValueError(
+                f"{source}: key `max_eval_examples` is now `max_val_examples` (the same seeded random subsample of each "
+                "val split, which every run reports on and the study scores); rename it"
+            )
         unknown = sorted(set(data) - own - set(TRAIN_KEYS))
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(own | set(TRAIN_KEYS)))}")

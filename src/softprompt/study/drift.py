@@ -7,8 +7,7 @@ from pathlib import Path
 from softprompt.analysis.drift import Snapshot, drift
 from softprompt.analysis.interpret import run_init_ids
 from softprompt.backbones.loading import Backbone
-from softprompt.io.runs import load_prompt, read_run
-from softprompt.train.loop import SNAPSHOT_DIR
+from softprompt.io.runs import SNAPSHOT_DIR, load_prompt, read_run
 
 
 def drifts(backbone: Backbone, run_dirs: dict[str, Path]) -> dict:

@@ -28,7 +28,8 @@ import torch
 from softprompt.backbones.loading import Backbone, load_backbone, resolve_device
 from softprompt.io.locks import RunLock
 from softprompt.io.runs import RUN_FILE, is_done
-from softprompt.train.loop import TrainConfig, TrainingDiverged, train
+from softprompt.train.config import TrainConfig
+from softprompt.train.loop import TrainingDiverged, train
 from softprompt.flags import flag_help
 
 # Threads or workers, measured by bench/bench_workers.py on this project's 2-core machine (idle, bench/workers.json):

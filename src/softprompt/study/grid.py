@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt.backbones.loading import Backbone
-from softprompt.io.runs import RUN_FILE, is_done, read_run
+from softprompt.io.runs import RUN_FILE, config_differences, is_done, read_run
 from softprompt.study.config import StudyConfig
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs
 from softprompt.tasks.registry import is_task_file
-from softprompt.train.loop import TrainConfig, config_differences
+from softprompt.train.config import TrainConfig
 
 IN_PROCESS = ExecutorConfig(workers="1")  # the library's default: every run in the caller's process
 RESULT_NEUTRAL_KEYS = ("device", "eval_batch_size")  # a finished run with other values still counts as the same run

@@ -51,7 +51,7 @@ from softprompt.study.results import (
 )
 from softprompt.study.score_cache import cached_scores, eval_set
 from softprompt.tasks.registry import Example, get_task
-from softprompt.train.loop import TrainConfig
+from softprompt.train.config import TrainConfig
 
 STUDY_FILE = "study.json"
 

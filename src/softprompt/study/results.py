@@ -142,7 +142,7 @@ def protocol(config: StudyConfig, records: dict[str, dict], items: dict[str, lis
     for task in config.tasks:
         record = next((r for r in records.values() if r["task"] == task), None)
         data[task] = {**(record["data"] if record else {}), "eval": len(items[task])}
-    return {"splits": data, "max_eval_examples": config.max_eval_examples, "representative_seed": config.representative_seed}
+    return {"splits": data, "max_val_examples": config.train.get("max_val_examples"), "representative_seed": config.representative_seed}
 
 
 def run_summary(name: str, record: dict | None, status: str) -> dict:

@@ -17,16 +17,16 @@ from torch import Tensor
 
 from softprompt.backbones.loading import Backbone
 from softprompt.data.batch import Encoded, encode
+from softprompt.data.splits import val_subsample
 from softprompt.eval.scoring import Scores, score
 from softprompt.io.runs import atomic_write_json, tensor_sha256
 from softprompt.study.config import StudyConfig
 from softprompt.study.grid import task_key
 from softprompt.tasks.registry import Example, get_task, load_examples
-from softprompt.train.loop import val_subsample
 
 
 def eval_set(task: str, config: StudyConfig, tokenizer, data_dir: str | Path | None) -> tuple[list[Example], list[Encoded]]:
-    """The task's val split as its runs report it (`max_val_examples`, which `max_eval_examples` sets), and encoded."""
+    """The task's val split as its runs report it (their `max_val_examples` subsample), and encoded."""
     train_config = config.train_config(task, config.seeds[0])
     examples = val_subsample(load_examples(get_task(task), "val", data_dir), train_config.max_val_examples, train_config.data_seed)
     return examples, [encode(tokenizer, e, train_config.max_length) for e in examples]

@@ -15,7 +15,7 @@ import numpy as np
 
 from softprompt.core.prompt import InitMethod
 from softprompt.study.grid import val_accuracy
-from softprompt.train.loop import TrainConfig
+from softprompt.train.config import TrainConfig
 
 
 def spot_jobs(base: dict[str, TrainConfig], sources: dict[str, Path], steps: int, out_dir: Path) -> dict[Path, TrainConfig]:

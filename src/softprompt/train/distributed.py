@@ -4,25 +4,22 @@ Every rank holds the frozen model and the same `[P, H]` prompt and walks the sam
 seed). Each rank takes a contiguous share of every batch and backpropagates its share's mean loss
 times its share of the batch's answer tokens; summing those gradients over ranks gives exactly the
 gradient of the whole batch's mean loss, so N processes train the prompt one process would (up to
-float rounding). Rank 0 alone writes the run folder (run.json, prompt, checkpoints); every rank
-reads it, so a multi-node run needs the run folder on storage all nodes share. With one process
+float rounding). Rank 0 alone writes the run folder (run.json, prompt, checkpoints: the loop's
+`RunWriter(writes=is_main())`); every rank reads it, so a multi-node run needs the run folder on
+storage all nodes share. With one process
 (no `WORLD_SIZE` in the environment) every function here is the identity or a no-op.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
-from typing import ParamSpec
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from softprompt.data.batch import Batch, Encoded, train_batch
-
-P = ParamSpec("P")
 
 
 def init_from_env() -> int:
@@ -54,17 +51,6 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
-
-
-def rank_zero_only(write: Callable[P, None]) -> Callable[P, None]:
-    """`write` on rank 0; a no-op on the other ranks (one process owns the run folder)."""
-
-    @functools.wraps(write)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
-        if is_main():
-            write(*args, **kwargs)
-
-    return wrapper
 
 
 def barrier() -> None:
