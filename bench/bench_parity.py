@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fp32 = load_backbone(args.model, "cpu", "float32")
-    bf16 = load_backbone(args.model, "cpu", "bfloat16")
+    bf16 = load_backbone(args.model, "cpu", "bfloat16", judge_in_float32=False)  # raw bf16: the judging is measured here
     trained = dict(item.split("=", 1) for item in args.prompt)
     results = {"cpu": cpu_hardware().to_json(), "threads": args.threads, "model": args.model, "bound": args.bound,
                "attention": {"float32": fp32.model.config._attn_implementation, "bfloat16": bf16.model.config._attn_implementation},

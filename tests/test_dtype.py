@@ -7,17 +7,19 @@ models a choice's summed log-likelihood (-10 to -60) moves by at most 0.15 betwe
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import FIXTURE_DATA, TINY_CONFIGS
 from tiny_train import tiny_config
-from softprompt.backbones.loading import resolve_dtype
 from factories import model_from_config
-from softprompt.core.forward import logits_at
+from softprompt.backbones.fastpath import Hardware
+from softprompt.backbones.loading import on_fast_path, resolve_dtype
+from softprompt.core.forward import logits_at, prompt_keys_values
 from softprompt.data.batch import encode
-from softprompt.eval.scoring import score
+from softprompt.eval.scoring import JUDGE_MARGIN, near_ties, score, score_mixed
 from softprompt.io.runs import RUN_FILE, check_resume_dtype, load_prompt
 from softprompt.tasks.registry import get_task, load_examples
 from softprompt.train.config import TrainConfig
@@ -26,15 +28,24 @@ from softprompt.train.loop import train
 SUM_LOGPROB_ATOL = 0.15
 
 
-def test_auto_is_float32_on_cpu():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+AVX2 = Hardware("cpu", "AMD EPYC 7B12", ("avx2",), False)
+ZEN4 = Hardware("cpu", "AMD EPYC 9654", ("avx512_bf16", "avx512f", "avx2"), True)
+T4 = Hardware("cuda:0", "Tesla T4", (), False)
+
+
+def test_auto_follows_the_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, AVX2) == torch.float32
+    assert resolve_dtype("auto", cpu, ZEN4) == torch.bfloat16
+    assert resolve_dtype("float32", cpu, ZEN4) == torch.float32
+    with pytest.warns(UserWarning, match="no native bf16 matmul"):
+        assert resolve_dtype("bfloat16", cpu, AVX2) == torch.bfloat16
 
 
 def test_bfloat16_on_a_device_without_it_is_an_error():
-    with pytest.raises(ValueError, match="--dtype bfloat16: device cuda has no bf16 support; use --dtype float16 or float32"):
-        resolve_dtype("bfloat16", torch.device("cuda"), bf16_supported=False)
-    assert resolve_dtype("auto", torch.device("cuda"), bf16_supported=False) == torch.float32
+    with pytest.raises(ValueError, match="--dtype bfloat16: Tesla T4 has no bf16 support; use --dtype float16 or float32"):
+        resolve_dtype("bfloat16", torch.device("cuda"), T4)
+    assert resolve_dtype("auto", torch.device("cuda"), T4) == torch.float32
 
 
 def test_unknown_dtype():
@@ -97,3 +108,46 @@ def test_resume_refuses_another_dtype(tiny_model_dir, tmp_path):
     # `auto` in both configs, but the weights differ (a CPU run resumed on a GPU): refused too
     with pytest.raises(ValueError, match="trained with bfloat16 weights, and this backbone is float32; resume with --dtype bfloat16"):
         check_resume_dtype(out, "float32")
+
+
+def test_near_ties_on_hand_made_scores():
+    inf = float("inf")
+    logprobs = torch.tensor([
+        [[-1.0, -1.2, -5.0], [-1.0, -3.0, -inf], [-2.0, -inf, -inf]],  # prompt 0: example 0 within 0.25
+        [[-1.0, -4.0, -5.0], [-2.0, -2.25, -inf], [-2.0, -inf, -inf]],  # prompt 1: example 1 exactly at 0.25
+    ])
+    assert near_ties(logprobs, 0.25) == [0, 1]  # example 2 has one choice: never tied
+    assert near_ties(logprobs, 0.1) == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_bf16_judged_in_fp32_predicts_as_fp32(tokenizer, arch):
+    fp32 = model_from_config(TINY_CONFIGS[arch], tokenizer, seed=0)
+    judged = on_fast_path(model_from_config(TINY_CONFIGS[arch], tokenizer, seed=0), torch.bfloat16)
+    assert judged.dtype == "bfloat16" and judged.reference is not None and judged.reference.dtype == torch.float32
+    items = [encode(tokenizer, e, 64) for e in load_examples(get_task("cb"), "val", FIXTURE_DATA)]
+    prompt = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    bf16_only = score(replace(judged, reference=None), prompt, items, 4)
+    want, got = score(fp32, prompt, items, 4), score(judged, prompt, items, 4)
+    near = near_ties(bf16_only.logprobs, JUDGE_MARGIN)
+    assert near  # random tiny models tie often: the re-judging really ran
+    assert torch.equal(got.predictions(), want.predictions())
+    torch.testing.assert_close(got.logprobs[:, near], want.logprobs[:, near], atol=1e-5, rtol=0)  # fp32's numbers
+    far = [i for i in range(len(items)) if i not in near]
+    assert torch.equal(got.logprobs[:, far], bf16_only.logprobs[:, far])  # bf16's numbers elsewhere
+
+
+def test_mixed_batches_judged_in_fp32_predict_as_fp32(tokenizer):
+    """The server's path: items of two prompts share forwards in bf16; near ties are re-scored with fp32 caches."""
+    fp32 = model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0)
+    judged = on_fast_path(model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0), torch.bfloat16)
+    items = [encode(tokenizer, e, 64) for e in load_examples(get_task("cb"), "val", FIXTURE_DATA)]
+    prompts = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
+    prompt_of = [i % 2 for i in range(len(items))]
+    caches = [prompt_keys_values(judged.model, p) for p in prompts]
+    reference = [prompt_keys_values(judged.reference, p) for p in prompts]
+    want = score_mixed(fp32, [prompt_keys_values(fp32.model, p) for p in prompts], prompt_of, items, 4)
+    bf16_only = score_mixed(judged, caches, prompt_of, items, 4)
+    got = score_mixed(judged, caches, prompt_of, items, 4, reference_caches=reference)
+    assert near_ties(bf16_only.logprobs, JUDGE_MARGIN)  # the re-judging really ran
+    assert torch.equal(got.predictions(), want.predictions())

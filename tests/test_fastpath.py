@@ -17,6 +17,7 @@ def test_auto_dtype_follows_native_bf16(hardware, expected):
 
 
 def test_cpu_flags_read_from_cpuinfo(monkeypatch):
+    monkeypatch.delenv(fastpath.NATIVE_BF16_ENV, raising=False)
     monkeypatch.setattr(fastpath, "_cpuinfo", lambda: {"model name": "AMD EPYC 7B12", "flags": "fpu sse avx2 fma"})
     fastpath.cpu_hardware.cache_clear()
     try:
@@ -27,6 +28,7 @@ def test_cpu_flags_read_from_cpuinfo(monkeypatch):
 
 
 def test_cpu_flags_from_torch_where_cpuinfo_is_missing(monkeypatch):
+    monkeypatch.delenv(fastpath.NATIVE_BF16_ENV, raising=False)
     monkeypatch.setattr(fastpath, "_cpuinfo", lambda: {})
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
@@ -59,3 +61,18 @@ def test_unknown_attention_lists_what_the_model_offers(tiny_backbone):
     model = tiny_backbone.model
     with pytest.raises(ValueError, match=r"--attention 'flex_attention': LlamaForCausalLM offers eager, sdpa"):
         choose_attention(model, torch.device("cpu"), torch.float32, "flex_attention")
+
+
+@pytest.mark.parametrize("value, native", [("1", True), ("0", False)])
+def test_the_environment_overrides_the_flags(monkeypatch, value, native):
+    monkeypatch.setattr(fastpath, "_cpuinfo", lambda: {"model name": "AMD EPYC 9654", "flags": "avx2 avx512f avx512_bf16"})
+    monkeypatch.setenv(fastpath.NATIVE_BF16_ENV, value)
+    fastpath.cpu_hardware.cache_clear()
+    try:
+        assert cpu_hardware().native_bf16 is native
+        monkeypatch.setenv(fastpath.NATIVE_BF16_ENV, "yes")
+        fastpath.cpu_hardware.cache_clear()
+        with pytest.raises(ValueError, match=r"SOFTPROMPT_NATIVE_BF16='yes': set it to 1 \(native bf16\) or 0"):
+            cpu_hardware()
+    finally:
+        fastpath.cpu_hardware.cache_clear()

@@ -62,6 +62,15 @@ def reference(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def bf16_reference(tiny_model_dir, tmp_path_factory) -> Path:
+    """The same uninterrupted run with bf16 weights (the fast path's dtype on a CPU with native bf16)."""
+    out = tmp_path_factory.mktemp("reference-bf16")
+    result = run_cli(*cli_args(tiny_model_dir, dtype="bfloat16"), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
 def backbone(tiny_model_dir):
     return load_backbone(str(tiny_model_dir), "cpu")
 
@@ -74,9 +83,11 @@ def deterministic_history(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in h.items() if k != "tokens_per_s"} for h in read_run(run_dir)["history"]]
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_model_dir, reference, tmp_path):
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_model_dir, request, tmp_path, dtype):
+    reference = request.getfixturevalue("reference" if dtype == "auto" else "bf16_reference")
     out = tmp_path / "run"
-    args = ["-m", "softprompt.cli", "train", *cli_args(tiny_model_dir), "--out", str(out)]
+    args = ["-m", "softprompt.cli", "train", *cli_args(tiny_model_dir, dtype=dtype), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     log = tmp_path / "child.log"
     with open(log, "wb") as sink:
@@ -172,6 +183,13 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(tiny_model_dir, bac
     train(config_for(tiny_model_dir, seed=1), other, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
     assert torch.equal(final_prompt(again), final_prompt(reference))
     assert not torch.equal(final_prompt(other), final_prompt(reference))
+
+
+def test_bf16_same_seed_is_bit_identical_and_differs_from_fp32(tiny_model_dir, bf16_reference, reference, tmp_path):
+    again = tmp_path / "again"
+    assert run_cli(*cli_args(tiny_model_dir, dtype="bfloat16"), "--out", str(again)).exit_code == 0
+    assert torch.equal(final_prompt(again), final_prompt(bf16_reference))
+    assert not torch.equal(final_prompt(bf16_reference), final_prompt(reference))  # bf16 really ran
 
 
 def test_run_json_records_what_repeats_a_run(reference):

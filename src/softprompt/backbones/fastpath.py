@@ -10,6 +10,7 @@ loss stay fp32 whatever the weights are.
 
 from __future__ import annotations
 
+import os
 import platform
 import warnings
 from dataclasses import asdict, dataclass
@@ -62,14 +63,25 @@ def _torch_cpu_flags() -> set[str]:
     return found | ({"amx_bf16"} if "amx_tile" in found else set())
 
 
+NATIVE_BF16_ENV = "SOFTPROMPT_NATIVE_BF16"  # "1" or "0" overrides the flags (a VM that hides them; the test suite)
+
+
 @cache
 def cpu_hardware() -> Hardware:
-    """This machine's CPU: its model name and which of the bf16-relevant flags it has."""
+    """This machine's CPU: its model name and which of the bf16-relevant flags it has.
+
+    Raises:
+        ValueError: `SOFTPROMPT_NATIVE_BF16` set to something other than 0 or 1.
+    """
     info = _cpuinfo()
     flags = set(info["flags"].split()) if "flags" in info else _torch_cpu_flags()
     present = tuple(flag for flag in REPORTED_FLAGS if flag in flags)
     model = info.get("model name") or platform.processor() or platform.machine()
-    return Hardware("cpu", model, present, any(flag in present for flag in NATIVE_BF16_FLAGS))
+    native = any(flag in present for flag in NATIVE_BF16_FLAGS)
+    override = os.environ.get(NATIVE_BF16_ENV)
+    if override not in (None, "0", "1"):
+        raise ValueError(f"{NATIVE_BF16_ENV}={override!r}: set it to 1 (native bf16) or 0 (not), or unset it to read the CPU's flags")
+    return Hardware("cpu", model, present, native if override is None else override == "1")
 
 
 def device_hardware(device: torch.device) -> Hardware:

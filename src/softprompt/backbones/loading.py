@@ -8,6 +8,7 @@ copy into the user cache so later loads take ~2 s.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -16,11 +17,13 @@ import os
 import shutil
 import struct
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from softprompt.backbones.fastpath import Hardware, auto_dtype, choose_attention, device_hardware, warn_if_emulated
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class Backbone:
     name: str
     device: torch.device
     source: dict = field(default_factory=dict)  # where the weights came from, for run.json (GGUF sha256, quantisation, hub id)
+    # fp32 weights beside low-precision ones: scoring re-judges near-tied examples with them (eval/scoring.py)
+    reference: PreTrainedModel | None = field(default=None, repr=False, compare=False)
     # (id of the model it belongs to, sha256): a copy with another model (dataclasses.replace) hashes anew
     _weights: tuple[int, str] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -72,31 +77,38 @@ class Backbone:
         """The weights' dtype by name (`float32`, `bfloat16`, `float16`), as run.json records it."""
         return dtype_name(self.model.get_input_embeddings().weight.dtype)
 
+    @property
+    def attention(self) -> str:
+        """The attention implementation the model runs (`eager`, `sdpa`, ...)."""
+        return self.model.config._attn_implementation
+
+    def hardware(self) -> dict:
+        """What the weights run on and how, as run.json, prompt headers, the score cache and `/v1/models` record it."""
+        return {**device_hardware(self.device).to_json(), "dtype": self.dtype, "attention": self.attention,
+                "judged_in_float32": self.reference is not None}
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return True  # CPU kernels exist for bf16 (slower than fp32 on many CPUs, but correct)
+def resolve_dtype(dtype: str, device: torch.device, hardware: Hardware | None = None) -> torch.dtype:
+    """`auto` is bf16 where the hardware multiplies it natively (AMX or AVX512-BF16 CPUs, bf16 GPUs), else fp32.
 
-
-def resolve_dtype(dtype: str, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype:
-    """`auto` is bf16 on a CUDA GPU that supports it and fp32 elsewhere; the others are taken as named.
+    `bfloat16` asked on a CPU that only emulates it runs, with one warning that it is slower than fp32.
 
     Raises:
-        ValueError: an unknown name, or `bfloat16` on a device without bf16 (`bf16_supported`
-            defaults to asking the device).
+        ValueError: an unknown name, or `bfloat16` on a GPU without bf16 (`hardware` defaults to asking
+            the device).
     """
-    supported = _bf16_supported(device) if bf16_supported is None else bf16_supported
+    hardware = hardware or device_hardware(device)
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and supported else torch.float32
+        return auto_dtype(hardware)
     if dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
-    if dtype == "bfloat16" and not supported:
-        raise ValueError(f"--dtype bfloat16: device {device} has no bf16 support; use --dtype float16 or float32")
+    if dtype == "bfloat16" and device.type == "cuda" and not hardware.native_bf16:
+        raise ValueError(f"--dtype bfloat16: {hardware.model} has no bf16 support; use --dtype float16 or float32")
+    warn_if_emulated(DTYPES[dtype], hardware)
     return DTYPES[dtype]
 
 
@@ -408,17 +420,24 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def load_backbone(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> Backbone:
-    """Load a frozen causal LM and its tokenizer.
+def load_backbone(
+    name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", attention: str = "auto", judge_in_float32: bool = True
+) -> Backbone:
+    """Load a frozen causal LM and its tokenizer, on the fast path of the device it runs on.
 
     Args:
         name: a preset (`smollm2-135m-instruct`), a local HF folder, a `.gguf` path, or a hub id.
         device: `auto`, `cpu`, `cuda`, ...
-        dtype: the weights' dtype: `auto` (bf16 on a CUDA GPU that has it, else fp32), `float32`,
-            `bfloat16` or `float16`. Prompts stay fp32 whatever this is.
+        dtype: the weights' dtype: `auto` (bf16 where the hardware multiplies bf16 natively: a CPU with
+            AMX or AVX512-BF16, a GPU with bf16; else fp32), `float32`, `bfloat16` or `float16`.
+            Prompts stay fp32 whatever this is.
+        attention: `auto` (the measured fastest for the device and dtype: `fastpath.MEASURED_ATTENTION`),
+            or an implementation the model offers (`eager`, `sdpa`, ...).
+        judge_in_float32: with low-precision weights, keep an fp32 copy that re-scores near-tied
+            examples, so reported predictions are fp32's (`eval.scoring.JUDGE_MARGIN`).
 
     Raises:
-        ValueError: unknown model name, device or dtype, or bf16 asked of a device without it.
+        ValueError: unknown model name, device, dtype or attention, or bf16 asked of a GPU without it.
         FileNotFoundError: a path that does not exist or a preset package that is not installed.
     """
     resolved_device = resolve_device(device)
@@ -432,8 +451,30 @@ def load_backbone(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = 
     check_causal_lm(AutoConfig.from_pretrained(source, **kwargs), name)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     check_pad_token(tokenizer, name)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    backbone = Backbone(freeze(model).to(device=resolved_device, dtype=resolved_dtype), tokenizer, name, resolved_device, facts)
+    model = freeze(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)).to(resolved_device)
+    backbone = on_fast_path(Backbone(model, tokenizer, name, resolved_device, facts), resolved_dtype, attention, judge_in_float32)
     if "weights_sha256" in facts:  # the cached copy's files, checked against its manifest: no need to hash again
         backbone._weights = (id(backbone.model), facts["weights_sha256"])
     return backbone
+
+
+def on_fast_path(backbone: Backbone, dtype: torch.dtype, attention: str = "auto", judge_in_float32: bool = True) -> Backbone:
+    """`backbone` (fp32 weights) cast to `dtype` with the attention kernel chosen for it.
+
+    With low-precision weights and `judge_in_float32`, the fp32 model stays as `reference` (its own
+    attention: the fastest for fp32) to re-judge near ties; the cast weights are a copy.
+
+    Raises:
+        ValueError: `attention` names an implementation the model lacks.
+    """
+    fp32 = backbone.model
+    choice = choose_attention(fp32, backbone.device, dtype, attention)
+    if dtype == torch.float32:
+        fp32.set_attn_implementation(choice)
+        return replace(backbone, reference=None)
+    model = copy.deepcopy(fp32).to(dtype) if judge_in_float32 else fp32.to(dtype)
+    model.set_attn_implementation(choice)
+    if judge_in_float32:
+        fp32.set_attn_implementation(choose_attention(fp32, backbone.device, torch.float32))
+    return replace(backbone, model=model, reference=fp32 if judge_in_float32 else None)
+

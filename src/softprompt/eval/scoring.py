@@ -101,11 +101,21 @@ def _scores(items: list[Encoded], logprobs: Tensor, wrong_tokens: Tensor) -> Sco
     return Scores(logprobs, wrong_tokens == 0, labels, answer_tokens)
 
 
+# bf16 to find, fp32 to judge: with low-precision weights and an fp32 reference, every example whose top two
+# choices lie within this many nats (summed log-likelihood) under any prompt is scored again in fp32, so the
+# predictions are fp32's. bench/parity.json (SmolLM2, whole val splits of CB, RTE, COPA, WSC, no prompt and the
+# text prompt): bf16 moved a top-two margin by at most MAX_SEEN; the bound leaves a wide safety factor over it.
+JUDGE_MARGIN = 0.25
+
+
 @torch.inference_mode()
 def score(
     backbone: Backbone, prompts: Tensor | None, items: list[Encoded], batch_size: int = 16, progress: bool = False
 ) -> Scores:
     """Log-likelihood of every choice of every item under each prompt.
+
+    With low-precision weights and an fp32 `backbone.reference`, the near-tied examples (top two
+    choices within `JUDGE_MARGIN`) are re-scored in fp32: predictions are fp32's at bf16's speed.
 
     Args:
         prompts: `[P, H]` one prompt, `[K, P, H]` several scored on each batch (ensembling), or None.
@@ -115,14 +125,36 @@ def score(
     Returns:
         Scores with K = 1 for a single prompt or None.
     """
-    model, device = backbone.model, backbone.device
     if prompts is not None and prompts.dim() == 2:
         prompts = prompts.unsqueeze(0)
+    scores = _score(backbone.model, backbone, prompts, items, batch_size, progress)
+    near = near_ties(scores.logprobs, JUDGE_MARGIN) if backbone.reference is not None else []
+    if near:
+        judged = _score(backbone.reference, backbone, prompts, [items[i] for i in near], batch_size, False)
+        scores.logprobs[:, near, : judged.logprobs.shape[-1]] = judged.logprobs
+        scores.exact[:, near] = judged.exact
+    return scores
+
+
+def near_ties(logprobs: Tensor, margin: float) -> list[int]:
+    """The examples whose best two choices lie within `margin` under any prompt: `[K, E, C]` -> indices.
+
+    Examples with one choice are never tied.
+    """
+    if logprobs.shape[-1] < 2:
+        return []
+    top = logprobs.topk(2, dim=-1).values  # [K, E, 2]
+    tied = (top[..., 0] - top[..., 1] <= margin) & top[..., 1].isfinite()  # [K, E]
+    return tied.any(0).nonzero().flatten().tolist()
+
+
+def _score(model, backbone: Backbone, prompts: Tensor | None, items: list[Encoded], batch_size: int, progress: bool) -> Scores:
+    """`score` on `model` (the backbone's weights or its fp32 reference): `prompts` is `[K, P, H]` or None."""
+    device, pad_id = backbone.device, backbone.tokenizer.pad_token_id
     k = 1 if prompts is None else prompts.shape[0]
     if prompts is not None:
         prompts = prompts.to(device)
     logprobs, wrong_tokens = _empty_scores(k, items)
-    pad_id = backbone.tokenizer.pad_token_id
     build, _ = _batch_builder(model, 0 if prompts is None else prompts.shape[1], items)
     caches = [None] * k if prompts is None else [prompt_keys_values(model, prompt) for prompt in prompts]  # once per prompt
     cost = device_pass_cost(device.type)
@@ -142,7 +174,8 @@ def score(
 
 @torch.inference_mode()
 def score_mixed(
-    backbone: Backbone, prompt_caches: list, prompt_of: list[int], items: list[Encoded], batch_size: int = 16, progress: bool = False
+    backbone: Backbone, prompt_caches: list, prompt_of: list[int], items: list[Encoded], batch_size: int = 16,
+    progress: bool = False, reference_caches: list | None = None,
 ) -> Scores:
     """Every item scored under its own prompt; items of different prompts share forwards.
 
@@ -152,6 +185,8 @@ def score_mixed(
         prompt_of: `[E]` index into the bank of each item's prompt.
         items: encoded examples.
         batch_size: examples per forward.
+        reference_caches: the same bank's keys/values under `backbone.reference` (fp32): near-tied
+            items (`JUDGE_MARGIN`) are re-scored with them. None: no re-judging.
 
     Returns:
         Scores with K = 1: `logprobs[0]` is `[E, C]` (summed log-likelihood of each choice, -inf where
@@ -162,7 +197,18 @@ def score_mixed(
     """
     if len(prompt_of) != len(items):
         raise ValueError(f"prompt_of has {len(prompt_of)} entries for {len(items)} items; give one bank index per item")
-    model, device, pad_id = backbone.model, backbone.device, backbone.tokenizer.pad_token_id
+    scores = _score_mixed(backbone.model, backbone, prompt_caches, prompt_of, items, batch_size, progress)
+    near = near_ties(scores.logprobs, JUDGE_MARGIN) if reference_caches is not None and backbone.reference is not None else []
+    if near:
+        judged = _score_mixed(backbone.reference, backbone, reference_caches, [prompt_of[i] for i in near], [items[i] for i in near], batch_size, False)
+        scores.logprobs[:, near, : judged.logprobs.shape[-1]] = judged.logprobs
+        scores.exact[:, near] = judged.exact
+    return scores
+
+
+def _score_mixed(model, backbone: Backbone, prompt_caches: list, prompt_of: list[int], items: list[Encoded], batch_size: int, progress: bool) -> Scores:
+    """`score_mixed` on `model` (the backbone's weights or its fp32 reference) with that model's caches."""
+    device, pad_id = backbone.device, backbone.tokenizer.pad_token_id
     lengths = [0 if cache is None else cache.get_seq_length() for cache in prompt_caches]
     build, shared = _batch_builder(model, max((lengths[k] for k in set(prompt_of)), default=0), items)
     # Past a sliding window, a left-padded prompt would shift what the window sees: one prompt per batch then.

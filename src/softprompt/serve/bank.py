@@ -41,6 +41,7 @@ class BankEntry:
     checksum: str | None  # SHA-256 of the prompt's fp32 values, as in the prompt file's header
     source: str | None
     cache: object = field(default=None, repr=False)  # prompt_keys_values at batch 1, computed once
+    reference_cache: object = field(default=None, repr=False)  # the same under the fp32 reference (near ties), if any
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +81,7 @@ def load_bank(backbone: Backbone, sources: list[tuple[str, Path]]) -> list[BankE
         loaded = load_prompt_source(path, backbone=backbone)  # checksum, no-pickle, finite, hidden size, tokenizer
         prompt = loaded.prompt.to(backbone.device)
         cache = prompt_keys_values(backbone.model, prompt)
+        reference_cache = None if backbone.reference is None else prompt_keys_values(backbone.reference, prompt)
         task = loaded.task if loaded.task in TASKS else None
-        bank.append(BankEntry(name, task, prompt, tensor_sha256(loaded.prompt), str(path), cache))
+        bank.append(BankEntry(name, task, prompt, tensor_sha256(loaded.prompt), str(path), cache, reference_cache))
     return bank

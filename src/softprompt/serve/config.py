@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from softprompt.backbones.loading import DEFAULT_MODEL
+from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES
 from softprompt.flags import flag_help
 
 
@@ -32,6 +32,8 @@ class ServeConfig:
     max_body_bytes: int = field(default=1 << 20, metadata=flag_help("Largest request body; larger ones get 413."))
     max_tokens: int = field(default=256, metadata=flag_help("Most new tokens a completion may ask for."))
     device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N."))
+    dtype: str = field(default="auto", metadata=flag_help("Backbone weights: auto (bf16 where the CPU/GPU computes it natively, near ties re-judged in fp32), float32, bfloat16, float16."))
+    attention: str = field(default="auto", metadata=flag_help("Attention implementation: auto (the measured fastest for the device and dtype), eager, sdpa, ..."))
     drain_timeout_s: float = field(default=30.0, metadata=flag_help("On SIGTERM, how long to let in-flight requests finish."))
 
     def __post_init__(self) -> None:
@@ -42,6 +44,8 @@ class ServeConfig:
         for name in ("max_batch", "max_queue", "max_length", "max_inputs", "max_body_bytes", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--dtype {self.dtype!r} is not a dtype; use one of {', '.join(DTYPE_CHOICES)}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be between 0 and 65535, got {self.port}")
         for name in ("max_wait_ms", "drain_timeout_s"):

@@ -46,7 +46,8 @@ async def prometheus(request: Request) -> Response:
 
 @router.get("/v1/models", dependencies=[Depends(authorize)])
 async def models(request: Request) -> dict:
-    return {"object": "list", "data": [entry.describe() for entry in request.app.state.bank]}
+    state = request.app.state  # `backbone`: what the weights run on (CPU/GPU, dtype, attention), as run.json records it
+    return {"object": "list", "data": [entry.describe() for entry in state.bank], "backbone": state.backbone.hardware()}
 
 
 @router.post("/v1/classify", dependencies=[Depends(authorize)])
