@@ -151,3 +151,24 @@ def test_mixed_batches_judged_in_fp32_predict_as_fp32(tokenizer):
     got = score_mixed(judged, caches, prompt_of, items, 4, reference_caches=reference)
     assert near_ties(bf16_only.logprobs, JUDGE_MARGIN)  # the re-judging really ran
     assert torch.equal(got.predictions(), want.predictions())
+
+
+def test_resume_refuses_another_attention(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(_config(tiny_model_dir, attention="eager", max_steps=None, epochs=2), out, data_dir=FIXTURE_DATA, progress=False)
+    record = json.loads((out / RUN_FILE).read_text())
+    assert record["hardware"]["attention"] == "eager" and record["hardware"]["dtype"] == "float32"
+    assert load_prompt(out / "prompt.safetensors")[1]["attention"] == "eager"
+    with pytest.raises(ValueError, match="trained with eager attention, and this backbone runs sdpa; resume with --attention eager"):
+        check_resume_dtype(out, "float32", "sdpa")
+
+
+def test_unknown_attention_is_refused_through_the_cli(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from softprompt.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", "--task", "cb", "--no-prompt", "--model", str(tiny_model_dir),
+                                      "--attention", "flex_attention", "--data-dir", str(FIXTURE_DATA)])
+    assert result.exit_code == 2
+    assert "--attention 'flex_attention': LlamaForCausalLM offers eager, sdpa here" in result.output

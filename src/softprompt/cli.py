@@ -14,6 +14,7 @@ from click.core import ParameterSource
 from torch import Tensor
 
 from softprompt.flags import HELP_KEY
+from softprompt.backbones.fastpath import ATTENTION_HELP, DTYPE_HELP
 from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES, Backbone, load_backbone
 from softprompt.eval.evaluate import evaluate
 from softprompt.eval.scoring import PromptMode
@@ -84,7 +85,15 @@ def _fail(message: str, code: int = 2) -> typing.NoReturn:
     sys.exit(code)
 
 
-def load_prompted_backbone(prompt_path: Path | None, model: str | None, device: str, dtype: str = "auto") -> tuple[Backbone, Tensor | None]:
+def fast_path_options(command):
+    """`--dtype` and `--attention`, the same on every command that runs the model."""
+    command = click.option("--attention", default="auto", show_default=True, help=ATTENTION_HELP)(command)
+    return click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True, help=DTYPE_HELP)(command)
+
+
+def load_prompted_backbone(
+    prompt_path: Path | None, model: str | None, device: str, dtype: str = "auto", attention: str = "auto"
+) -> tuple[Backbone, Tensor | None]:
     """The backbone (`--model`, else the prompt's own model, else the default) and the `[P, H]` prompt checked against it.
 
     Raises:
@@ -92,7 +101,7 @@ def load_prompted_backbone(prompt_path: Path | None, model: str | None, device: 
             another tokenizer. FileNotFoundError: no prompt at `prompt_path`.
     """
     source = load_prompt_source(prompt_path) if prompt_path is not None else None
-    backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device, dtype)
+    backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device, dtype, attention)
     if source is None:
         return backbone, None
     return backbone, load_prompt_source(prompt_path, backbone=backbone).prompt  # every check: hidden size, tokenizer, ...
@@ -167,24 +176,25 @@ TASK_HELP = "Built-in task (cb, rte, copa, wsc, wic, multirc, boolq; see `softpr
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Most examples per forward.")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True, help="Backbone weights (auto: bf16 on a CUDA GPU with bf16, else float32).")
+@fast_path_options
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON here.")
 @data_dir_option
-def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, limit, batch_size, max_length, device, dtype, out, data_dir):
+def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, limit, batch_size, max_length, device, dtype, attention, out, data_dir):
     """Evaluate a prompt (or no prompt, or the text prompt) on a task: accuracy and exact match."""
     if sum([prompt_path is not None, no_prompt, text_prompt]) != 1:
         _fail("give exactly one of --prompt RUN_DIR, --no-prompt, --text-prompt")
     try:
         task_ = get_task(task)
         mode = PromptMode.SOFT if prompt_path else PromptMode.NONE if no_prompt else PromptMode.TEXT
-        backbone, prompt = load_prompted_backbone(prompt_path, model, device, dtype)
+        backbone, prompt = load_prompted_backbone(prompt_path, model, device, dtype, attention)
         if mode is PromptMode.TEXT:
             prompt = embed_text(backbone.model, backbone.tokenizer, task_.init_text)
         examples = load_examples(task_, split, data_dir)[:limit]
         result = evaluate(backbone, prompt, task_, examples, max_length, batch_size, progress=True)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
-    result = {"task": task_.name, "split": split, "mode": mode.value, "model": backbone.name, "dtype": backbone.dtype, **result}
+    result = {"task": task_.name, "split": split, "mode": mode.value, "model": backbone.name, "dtype": backbone.dtype,
+              "hardware": backbone.hardware(), **result}
     if prompt_path is not None:
         result["prompt"] = str(prompt_path)
     click.echo(f"{'task':<6} {'mode':<5} {'split':<5} {'n':>5} {'accuracy':>9} {'exact':>7} {'macro-F1':>9}")
@@ -209,8 +219,9 @@ def evaluate_command(task, prompt_path, no_prompt, text_prompt, model, split, li
 @click.option("--model", default=None, help=f"Backbone (default: the prompt's model, else {DEFAULT_MODEL}).")
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@fast_path_options
 @data_dir_option
-def generate_command(prompt_path, no_prompt, texts, task, split, limit, max_new_tokens, model, max_length, device, data_dir):
+def generate_command(prompt_path, no_prompt, texts, task, split, limit, max_new_tokens, model, max_length, device, dtype, attention, data_dir):
     """Print what the prompted model writes (greedy) after each --text, or after --task's examples."""
     if (prompt_path is None) == (not no_prompt):
         _fail("give exactly one of --prompt RUN_DIR, --no-prompt")
@@ -219,7 +230,7 @@ def generate_command(prompt_path, no_prompt, texts, task, split, limit, max_new_
     try:
         task_ = get_task(task) if task else None
         examples = load_examples(task_, split, data_dir)[:limit] if task_ else []
-        backbone, prompt = load_prompted_backbone(prompt_path, model, device)
+        backbone, prompt = load_prompted_backbone(prompt_path, model, device, dtype, attention)
         until = task_.until if task_ else ("\n\n",)
         new = max_new_tokens or (task_.max_gen_toks if task_ else 32)
         outputs = generate_texts(backbone, prompt, list(texts) or [e.text for e in examples], new, until, max_length)

@@ -23,6 +23,9 @@ from transformers import PreTrainedModel
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of a CPU that multiplies bf16 natively
 REPORTED_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")  # what run.json records of a CPU
 ATTENTION_CHOICES = ("auto", "eager", "sdpa")  # --attention; a model may offer more (flash_attention_2 on CUDA)
+DTYPE_HELP = ("Backbone weights: auto (bf16 where the CPU (AMX, AVX512-BF16) or GPU computes it natively, near ties "
+              "re-judged in fp32; else float32), float32, bfloat16, float16.")
+ATTENTION_HELP = "Attention implementation: auto (the measured fastest for the device and dtype), eager, sdpa, or another the model offers."
 # Emulated bf16 (no native matmul) against fp32 on the same CPU: what the warning quotes. Measured by
 # bench/bench_fastpath.py with `--no-native-bf16`-free hardware: see bench/README.md.
 EMULATED_BF16_SLOWDOWN = "slower than float32 (bf16 matmul is emulated on this CPU)"

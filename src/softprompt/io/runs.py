@@ -393,15 +393,22 @@ def check_run_dir(out_dir: Path, config: Any, data: dict, resume: bool) -> None:
             )
 
 
-def check_resume_dtype(out_dir: Path, dtype: str) -> None:
-    """Refuse to resume a run in another weight dtype than it started in (`auto` may resolve differently here).
+def check_resume_dtype(out_dir: Path, dtype: str, attention: str | None = None) -> None:
+    """Refuse to resume a run in another weight dtype or attention kernel than it started in (`auto` may resolve differently here).
 
     Raises:
-        ValueError: naming both dtypes.
+        ValueError: naming both dtypes (or both attention implementations).
     """
-    started = read_run(out_dir).get("dtype")
+    record = read_run(out_dir)
+    started = record.get("dtype")
     if started is not None and started != dtype:
         raise ValueError(
             f"cannot resume {out_dir}: it was trained with {started} weights, and this backbone is {dtype}; "
             f"resume with --dtype {started}"
+        )
+    kernel = record.get("hardware", {}).get("attention")
+    if attention is not None and kernel is not None and kernel != attention:
+        raise ValueError(
+            f"cannot resume {out_dir}: it was trained with {kernel} attention, and this backbone runs {attention}; "
+            f"resume with --attention {kernel}"
         )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from softprompt.backbones.fastpath import ATTENTION_HELP, DTYPE_HELP
 from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES
 from softprompt.flags import flag_help
 
@@ -32,8 +33,8 @@ class ServeConfig:
     max_body_bytes: int = field(default=1 << 20, metadata=flag_help("Largest request body; larger ones get 413."))
     max_tokens: int = field(default=256, metadata=flag_help("Most new tokens a completion may ask for."))
     device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N."))
-    dtype: str = field(default="auto", metadata=flag_help("Backbone weights: auto (bf16 where the CPU/GPU computes it natively, near ties re-judged in fp32), float32, bfloat16, float16."))
-    attention: str = field(default="auto", metadata=flag_help("Attention implementation: auto (the measured fastest for the device and dtype), eager, sdpa, ..."))
+    dtype: str = field(default="auto", metadata=flag_help(DTYPE_HELP))
+    attention: str = field(default="auto", metadata=flag_help(ATTENTION_HELP))
     drain_timeout_s: float = field(default=30.0, metadata=flag_help("On SIGTERM, how long to let in-flight requests finish."))
 
     def __post_init__(self) -> None:

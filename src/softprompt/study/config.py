@@ -18,7 +18,7 @@ from softprompt.tasks.registry import get_task
 from softprompt.train.config import TrainConfig, load_train_task
 
 PER_RUN_KEYS = ("task", "seed")  # set by the study for each run, not in the config file
-SHARED_KEYS = ("model", "num_tokens", "device", "dtype")  # one backbone, prompts of one shape: never set per task
+SHARED_KEYS = ("model", "num_tokens", "device", "dtype", "attention")  # one backbone, prompts of one shape: never set per task
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN_KEYS)
 PER_TASK_KEYS = tuple(k for k in TRAIN_KEYS if k not in SHARED_KEYS)
 

@@ -121,13 +121,13 @@ class RunOutcome:
     error: str | None = None
 
 
-_BACKBONES: dict[tuple[str, str], Backbone] = {}  # a worker process loads each backbone once, for all its runs
+_BACKBONES: dict[tuple[str, ...], Backbone] = {}  # a worker process loads each backbone once, for all its runs
 
 
-def worker_backbone(model: str, device: str, dtype: str = "auto") -> Backbone:
-    key = (model, device, dtype)
+def worker_backbone(model: str, device: str, dtype: str = "auto", attention: str = "auto") -> Backbone:
+    key = (model, device, dtype, attention)
     if key not in _BACKBONES:
-        _BACKBONES[key] = load_backbone(model, device, dtype)
+        _BACKBONES[key] = load_backbone(model, device, dtype, attention)
     return _BACKBONES[key]
 
 
@@ -153,7 +153,7 @@ def train_run(job: RunJob, backbone: Backbone | None = None, progress: bool = Fa
             return RunOutcome(job.name, "skipped", **me)
         resumed = (run_dir / RUN_FILE).is_file()  # killed or crashed: continue from its last checkpoint
         with torch_threads(job.threads):
-            backbone = backbone or worker_backbone(job.config.model, job.config.device, job.config.dtype)
+            backbone = backbone or worker_backbone(job.config.model, job.config.device, job.config.dtype, job.config.attention)
             try:
                 record = train(job.config, run_dir, backbone=backbone, data_dir=job.data_dir, progress=progress, resume=resumed)
             except TrainingDiverged as e:

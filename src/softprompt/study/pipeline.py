@@ -86,8 +86,8 @@ def run_study(
     reused = done_before(config, out_dir)
     statuses = train_all(config, out_dir, backbone, data_dir, progress, echo, executor)
     grid_done = time.time()
-    device, dtype = config.train.get("device", "auto"), config.train.get("dtype", "auto")
-    backbone = backbone or worker_backbone(config.model, device, dtype)  # the one in-process runs loaded
+    device, dtype, attention = (config.train.get(key, "auto") for key in ("device", "dtype", "attention"))
+    backbone = backbone or worker_backbone(config.model, device, dtype, attention)  # the one in-process runs loaded
     finished = finished_runs(config, statuses)
     staged = train_stages(config, out_dir, backbone, data_dir, finished, progress, echo, executor)
     analysis_started = time.time()

@@ -70,6 +70,8 @@ def score_cache_model_key(backbone: Backbone) -> dict:
         "model": backbone.name,
         "weights": backbone.weights_sha256(),
         "dtype": str(backbone.model.dtype),
+        "attention": backbone.attention,  # kernels differ in their last bits
+        "judged_in_float32": backbone.reference is not None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "softprompt": softprompt.__version__},
     }
 

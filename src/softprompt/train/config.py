@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from softprompt.backbones.fastpath import ATTENTION_HELP, DTYPE_HELP
 from softprompt.backbones.loading import DEFAULT_MODEL, DTYPE_CHOICES
 from softprompt.core.prompt import InitMethod
 from softprompt.data.splits import EarlyStopSplit
@@ -60,9 +61,8 @@ class TrainConfig:
     seed: int = field(default=0, metadata=flag_help("Seed for init, data order and everything else random in training."))
     data_seed: int = field(default=0, metadata=flag_help("Seed for the dev split and train subsample (fixed across seeds)."))
     device: str = field(default="auto", metadata=flag_help("auto, cpu, cuda or cuda:N."))
-    dtype: str = field(
-        default="auto", metadata=flag_help("Backbone weights: auto (bf16 on a CUDA GPU with bf16, else float32), float32, bfloat16, float16.")
-    )
+    dtype: str = field(default="auto", metadata=flag_help(DTYPE_HELP))
+    attention: str = field(default="auto", metadata=flag_help(ATTENTION_HELP))
     checkpoint_every: int | None = field(
         default=None, metadata=flag_help("Also checkpoint every N optimizer steps (a checkpoint is always written at each epoch end).")
     )

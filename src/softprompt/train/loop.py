@@ -131,9 +131,9 @@ def set_up(config: TrainConfig, out_dir: Path, backbone: Backbone | None, data_d
     distributed.barrier()  # every rank has checked the folder before rank 0 writes into it
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    backbone = backbone or load_backbone(config.model, config.device, config.dtype)
+    backbone = backbone or load_backbone(config.model, config.device, config.dtype, config.attention)
     if resume:
-        check_resume_dtype(out_dir, backbone.dtype)
+        check_resume_dtype(out_dir, backbone.dtype, backbone.attention)
     splits = make_splits(task, data_dir, **config.split_options())
     train_items, dev_items = ([encode(backbone.tokenizer, e, config.max_length) for e in examples] for examples in (splits.train, splits.dev))
 
@@ -142,7 +142,7 @@ def set_up(config: TrainConfig, out_dir: Path, backbone: Backbone | None, data_d
     init_ids = None if config.init is InitMethod.RANDOM else nearest_tokens_in_model(backbone.model, prompt.detach(), 1)[1][:, 0].tolist()
     optimizer = make_optimizer(prompt, config.optimizer, config.lr, config.weight_decay)
     header = {"model": backbone.name, "task": task.name, "init": config.init.value, "seed": str(config.seed), "dtype": backbone.dtype,
-              **tokenizer_identity(backbone.tokenizer)}
+              "attention": backbone.attention, "cpu": backbone.hardware()["model"], **tokenizer_identity(backbone.tokenizer)}
     writer = RunWriter(out_dir, writes=distributed.is_main())  # data-parallel: every rank trains, rank 0 alone writes
     state = start_or_resume(writer, resume, prompt, optimizer, generator, header)
     state.dtype = backbone.dtype
@@ -163,6 +163,7 @@ def start_record(
         "task": task.name,
         "model": backbone.name,
         "dtype": backbone.dtype,  # the weights' (what --dtype auto resolved to); the prompt is always float32
+        "hardware": backbone.hardware(),  # the CPU/GPU, its bf16 capability, dtype, attention, fp32 judging
         "config": config.to_json(),
         "init_ids": init_ids,
         "data": data,
