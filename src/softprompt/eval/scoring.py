@@ -103,9 +103,10 @@ def _scores(items: list[Encoded], logprobs: Tensor, wrong_tokens: Tensor) -> Sco
 
 # bf16 to find, fp32 to judge: with low-precision weights and an fp32 reference, every example whose top two
 # choices lie within this many nats (summed log-likelihood) under any prompt is scored again in fp32, so the
-# predictions are fp32's. bench/parity.json (SmolLM2, whole val splits of CB, RTE, COPA, WSC, no prompt and the
-# text prompt): bf16 moved a top-two margin by at most MAX_SEEN; the bound leaves a wide safety factor over it.
-JUDGE_MARGIN = 0.25
+# predictions are fp32's. bench/bench_parity.py (SmolLM2, CB val, no prompt and the text prompt, AMD EPYC with
+# AVX512-BF16): bf16 moved a top-two margin by at most 0.234 nats and flipped 4 and 6 of 56 predictions, all of
+# which this re-judging restores; the bound is about twice the largest move seen.
+JUDGE_MARGIN = 0.5
 
 
 @torch.inference_mode()
