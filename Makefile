@@ -54,6 +54,8 @@ browser:
 
 bench: setup
 	$(PY) bench/bench_peft.py --out bench/results.json
+	# the fast path: dtype x attention for softprompt, PEFT in fp32 and bf16; the JSON names the CPU
+	$(PY) bench/bench_fastpath.py --out bench/fastpath.json
 
 # softprompt serve under load: mixed-task batching vs one request per forward vs PEFT set_adapter
 bench-serve: setup
