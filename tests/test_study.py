@@ -399,7 +399,9 @@ def test_report_leads_with_does_it_learn(study_dir, tmp_path):
     assert "cb,6,5,seeded subsample of 5,20" in (tmp_path / "val_examples.csv").read_text()
     paired = (tmp_path / "paired_tests.csv").read_text()
     assert paired.count("\ncb,") == 3 and "majority vote of the seeds" in paired and ",NO\n" in paired
-    assert "CPU model not recorded by these runs" in text and "Time per stage (this call): grid training" in text
+    recorded = results["runs"]["cb-s0"]["hardware"]  # the fast path's block in every run.json
+    assert f"model: {recorded['model']}, " in text and f"attention: {recorded['attention']}" in text
+    assert "Time per stage (this call): grid training" in text
     results["runs"]["cb-s0"]["hardware"] = {"cpu": "Intel Xeon 8480+", "bf16": "amx"}
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert "Machine: cpu: Intel Xeon 8480+, bf16: amx;" in write_report(tmp_path).read_text()
