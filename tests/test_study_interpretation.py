@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from dataclasses import asdict
@@ -15,6 +16,7 @@ from softprompt.analysis.interpret import interpret_prompt
 from softprompt.analysis.rows import init_embeddings, persisted_vs_drifted, row_importance
 from softprompt.backbones.loading import load_backbone
 from softprompt.io.runs import load_prompt, read_run
+from softprompt.report.html import fmt, interpretation_html
 from softprompt.study.config import StudyConfig
 from softprompt.study.pipeline import run_study
 from softprompt.study.interpretation import pooled_persistence
@@ -88,3 +90,21 @@ def test_interpret_key_is_type_checked_and_off_by_default(tiny_model_dir):
     assert tiny_study(tiny_model_dir).interpret is False
     with pytest.raises(ValueError, match="key `interpret` must be bool, got 'yes'"):
         StudyConfig.from_dict(dict(tasks=["cb"], seeds=[0], interpret="yes"))
+
+
+def test_report_shows_the_rows_the_test_the_reading_and_the_descriptions(study):
+    _, out, results = study
+    page = (out / "report.html").read_text()
+    block = results["interpretation"]
+    section = page[page.index("What the prompts learned"):page.index("Stochasticity over seeds")]
+    p = block["persisted_vs_drifted"]["p_value"]
+    assert f"one-sided permutation p = {html.escape(fmt(p))}" in section
+    assert section.count("<tr>") == 3 + sum(4 + 1 + 3 * (1 + len(f["elicitation"]["over_training"])) for f in block["runs"].values())
+    for f in block["runs"].values():
+        assert html.escape(f["reading"]["text"]) in section
+        assert all(html.escape(d["text"]) in section for d in f["elicitation"]["final"])
+    assert "Not computed" not in section
+
+
+def test_report_without_the_stage_says_how_to_turn_it_on():
+    assert "interpret = true" in interpretation_html({})
