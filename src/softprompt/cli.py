@@ -276,27 +276,105 @@ def tasks_command(task_files: tuple[Path, ...], data_dir: Path | None, json_out:
 # --- interpret, study, report ------------------------------------------------------------------
 
 
+def interpret_findings_options(func):
+    """`interpret`'s flags beyond nearest tokens (issue 21): row importance, the reading, elicitation."""
+    options = [
+        click.option("--rows", is_flag=True, help="Row importance on the task's val split: each row replaced by its init and by the vocabulary mean."),
+        click.option("--project", is_flag=True, help="What the reading keeps: accuracy of the nearest tokens as a prompt, as text, and of no prompt."),
+        click.option("--elicit", is_flag=True, help="Descriptions the frozen model writes of the prompt (and of its snapshots) in each frame."),
+        click.option("--frame", "frames", multiple=True, help="A frame for --elicit with one {prompt} placeholder (repeatable; default: the built-in frames)."),
+        click.option("--elicit-tokens", type=click.IntRange(min=1), default=16, show_default=True, help="Tokens per description (greedy)."),
+        click.option("--task", default=None, help="Task for --rows/--project and faithfulness (default: the run's own, from run.json)."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N val examples, in file order (a quick look)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Most prompts x examples per forward."),
+        click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True),
+        data_dir_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @app.command("interpret")
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Nearest tokens per prompt row.")
 @click.option("--model", default=None, help="Backbone (default: the model the run was trained on).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the table as JSON here.")
-def interpret_command(run_dir: Path, top_k: int, model: str | None, device: str, json_out: Path | None) -> None:
-    """Nearest vocabulary tokens (cosine) of each prompt row, with persisted init tokens and scripts."""
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the table (and every finding asked for) as JSON here.")
+@interpret_findings_options
+def interpret_command(run_dir: Path, top_k: int, model: str | None, device: str, json_out: Path | None, **findings) -> None:
+    """Nearest vocabulary tokens (cosine) of each prompt row, with persisted init tokens and scripts;
+    with --rows, --project, --elicit: which rows matter, what that reading keeps, what the model says the prompt means."""
     from softprompt.analysis.interpret import format_table, interpret_run, rows_to_json
     from softprompt.io.runs import read_run
 
     try:
         record = read_run(run_dir)
+        findings = check_findings_flags(run_dir, record, **findings)  # before the backbone loads
         backbone = load_backbone(model or record.get("model") or DEFAULT_MODEL, device)
         rows = interpret_run(run_dir, backbone.model, backbone.tokenizer, top_k)
+        extra = interpret_findings(run_dir, record, backbone, [row.persisted for row in rows], **findings)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(str(e))
     click.echo(f"{record.get('task', '?')} prompt in {run_dir} ({len(rows)} rows, model {backbone.name})")
     click.echo(format_table(rows))
+    for text in extra.pop("printed"):
+        click.echo("\n" + text)
     if json_out is not None:
-        atomic_write_json(json_out, {"run": str(run_dir), "task": record.get("task"), "rows": rows_to_json(rows)})
+        atomic_write_json(json_out, {"run": str(run_dir), "task": record.get("task"), "rows": rows_to_json(rows), **extra})
+
+
+def check_findings_flags(run_dir: Path, record: dict, **flags) -> dict:
+    """`interpret`'s finding flags checked, with the task resolved (--task, else run.json's) and the frames chosen.
+
+    Raises:
+        ValueError: --rows or --project of a run with no task and no --task; a bad --frame; --frame without --elicit.
+    """
+    from softprompt.analysis.findings import check_frames
+
+    if flags["frames"] and not flags["elicit"]:
+        raise ValueError("--frame goes with --elicit; add --elicit to read the prompt out in your frames")
+    flags["frames"] = check_frames(flags["frames"])
+    flags["task"] = flags["task"] or record.get("config", {}).get("task") or record.get("task")
+    if (flags["rows"] or flags["project"]) and flags["task"] is None:
+        wanted = "row importance (--rows)" if flags["rows"] else "the reading's accuracy (--project)"
+        raise ValueError(f"{wanted} is scored on the prompt's task, and {run_dir}/run.json names none; give --task")
+    if flags["task"] is not None:
+        get_task(flags["task"])  # an unknown name fails here, listing the valid ones
+    return flags
+
+
+def interpret_findings(
+    run_dir: Path, record: dict, backbone: Backbone, persisted: list[bool], rows: bool, project: bool, elicit: bool,
+    frames: tuple[str, ...], elicit_tokens: int, task: str | None, limit: int | None, batch_size: int, max_length: int, data_dir: Path | None,
+) -> dict:
+    """The findings `interpret`'s flags ask for (checked by `check_findings_flags`), by JSON key, and their tables under `printed`."""
+    from softprompt.analysis import findings
+    from softprompt.analysis.interpret import run_init_ids
+    from softprompt.analysis.reading import what_reading_keeps
+    from softprompt.analysis.rows import init_embeddings, row_importance
+    from softprompt.data.batch import encode
+    from softprompt.io.runs import load_prompt
+
+    task_ = get_task(task) if task else None
+    examples = load_examples(task_, "val", data_dir)[:limit] if task_ and (rows or project or elicit) else []
+    items = [encode(backbone.tokenizer, e, max_length) for e in examples]
+    prompt, _ = load_prompt(run_dir, hidden_size=backbone.hidden_size)
+    out: dict = {"printed": []}
+    if rows:
+        init = init_embeddings(backbone.model, run_init_ids(record, backbone.tokenizer, prompt.shape[0]))
+        out["row_importance"] = findings.row_table(row_importance(backbone, prompt, items, init, batch_size), persisted)
+        out["printed"].append(findings.format_row_table(out["row_importance"]))
+    if project:
+        out["reading"] = findings.reading_json(what_reading_keeps(backbone, prompt, items, batch_size))
+        out["printed"].append(findings.format_reading(out["reading"]))
+    if elicit:
+        snapshots = findings.load_snapshots(run_dir, backbone.hidden_size)
+        out["elicitation"] = findings.elicitation_json(backbone, prompt, frames, elicit_tokens, task_, items, snapshots, batch_size)
+        out["printed"].append(findings.format_elicitation(out["elicitation"]))
+    if items:
+        out["val_examples"] = len(items)
+    return out
 
 
 @app.command("study")

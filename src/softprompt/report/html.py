@@ -521,6 +521,43 @@ CAPTIONS = {
 }
 
 
+def interpretation_html(results: dict) -> str:
+    """Issue 21's section: row importance with the persisted-vs-drifted test, what the reading keeps, elicited descriptions."""
+    block = results.get("interpretation")
+    if not block:
+        return '<p class="note">Not computed (set the study key interpret = true).</p>'
+    t = block["persisted_vs_drifted"]
+    test = (f'<p class="note">Are rows that kept their init token more important than rows that drifted? Mean log-likelihood drop of '
+            f'persisted minus drifted rows (vocabulary-mean replacement): {e(t["statistic"])}, one-sided permutation p = {e(t["p_value"])} '
+            f'({"exact" if t["exact"] else "sampled"}, {t["permutations"]} relabellings within each prompt; {t["persisted"]} persisted and '
+            f'{t["drifted"]} drifted rows from {t["prompts"]} prompts with both, seeds and tasks pooled).</p>')
+    rows, reading, said = [], [], []
+    for name, f in block["runs"].items():
+        for r in f["rows"]["rows"]:
+            rows.append([name, r["rank"], r["position"], "yes" if r["persisted"] else "no", r["mean_accuracy_drop"], r["mean_loglik_drop"],
+                         r["init_accuracy_drop"], r["init_loglik_drop"]])
+        g = f["reading"]
+        reading.append([name, g["trained"]["accuracy"], g["projected"]["accuracy"], g["hard_text"]["accuracy"], g["none"]["accuracy"],
+                        g["kept_projected"], g["kept_hard_text"], g["text"]])
+        for d in f["elicitation"]["final"]:
+            faithful = d["faithfulness"] or {}
+            said.append([name, "final", d["frame"], d["text"], faithful.get("hard_prompt_accuracy"), faithful.get("label_word_overlap")])
+        for snap in f["elicitation"]["over_training"]:
+            said += [[name, f"epoch {snap['epoch']}", frame, text, None, None] for frame, text in zip(block["frames"], snap["descriptions"])]
+    tables = [
+        Table("interpretation_rows", "Row importance: what the prompt loses when one row is replaced",
+              ["run", "rank", "pos", "kept init token", "mean: acc drop", "mean: loglik drop", "init: acc drop", "init: loglik drop"], rows,
+              "Drops: trained minus ablated, on the study's eval set (accuracy points; gold-choice log-likelihood in nats); ranked by the mean replacement's log-likelihood drop."),
+        Table("interpretation_reading", "What the nearest-token reading keeps",
+              ["run", "trained", "projected", "hard text", "no prompt", "kept (projected)", "kept (hard text)", "reading"], reading,
+              "Accuracy; kept = (reading - no prompt) / (trained - no prompt): 1 all of the gain, 0 none, – no gain to keep."),
+        Table("interpretation_descriptions", "What the model says its prompt means (greedy, elicited in each frame)",
+              ["run", "prompt", "frame", "description", "as a hard prompt: acc", "label-word overlap"], said,
+              f"At most {block['max_new_tokens']} tokens per description; faithfulness scored for the final prompt."),
+    ]
+    return test + "".join(table_html(table) for table in tables)
+
+
 def render(results: dict, figs: dict[str, bytes], tables: list[Table]) -> str:
     by_name = {t.name: t for t in tables}
     section = lambda *names: "".join(table_html(by_name[n]) for n in names if n in by_name)  # noqa: E731
@@ -540,6 +577,7 @@ plus Lester et al.'s prompt ensembling. Every number below is in results.json an
 <h2>Protocol</h2>{protocol_html(results)}
 <h2>Accuracy</h2>{section('accuracy_intervals', 'accuracy', 'zero_shot', 'ensemble')}
 <h2>What the prompts say: nearest tokens</h2>{tokens_html(results)}
+<h2>What the prompts learned: rows, the reading, descriptions</h2>{interpretation_html(results)}
 <h2>Stochasticity over seeds</h2>{section('stochasticity')}
 {fig('tsne')}
 {fig('pca')}

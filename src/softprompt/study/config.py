@@ -54,6 +54,9 @@ class StudyConfig:
         default=(), metadata=flag_help("Lester's ablation: prompt lengths to train for every task x `ablation_inits` (one seed).")
     )
     ablation_inits: tuple[str, ...] = field(default=(), metadata=flag_help("Lester's ablation: inits, e.g. [\"text\", \"random\"]."))
+    interpret: bool = field(
+        default=False, metadata=flag_help("Interpretation stage: row importance, what the reading keeps, elicited descriptions (issue 21).")
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))

@@ -34,6 +34,7 @@ from softprompt.io.runs import atomic_write_json, load_prompt, provenance, read_
 from softprompt.study import ablation, spot
 from softprompt.study.budget import check_budgets
 from softprompt.study.drift import drifts
+from softprompt.study.interpretation import interpret_runs
 from softprompt.study.similarity import predictors, probe_contexts, similarity_measures
 from softprompt.study.config import StudyConfig
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs, worker_backbone
@@ -174,6 +175,8 @@ def analyse(
         results["similarity"]["probe_contexts"] = len(probe)
         results["predictors"] = predictors(results["similarity"]["measures"], results["transfer"], results.get("spot", {}))
     results["drift"] = drifts(backbone, done)
+    if config.interpret:
+        results["interpretation"] = interpret_runs(backbone, out_dir, records, prompts, items, batch_size)
     return results
 
 

@@ -22,6 +22,7 @@ from softprompt.flags import flag_help
 from softprompt.io.runs import RUN_FILE, read_run
 from softprompt.tasks.registry import DataError, Task, get_task
 from softprompt.tasks.taskfile import split_name
+from softprompt.train.anchor import check_anchor
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -73,6 +74,13 @@ class TrainConfig:
     snapshot_every: int | None = field(
         default=None, metadata=flag_help("Save the prompt every N epochs (and the init) under snapshots/, to follow its drift.")
     )
+    anchor_weight: float = field(
+        default=0.0, metadata=flag_help("G: add G * mean over rows ||p_i - e_i||^2 to the loss, e the anchor text's embeddings (0: no anchor).")
+    )
+    anchor_text: str | None = field(
+        default=None,
+        metadata=flag_help("Text each row is pulled toward, repeated or cut to --num-tokens rows as the text init does; default: the init text."),
+    )
 
     def __post_init__(self) -> None:
         for name, kind in (("init", InitMethod), ("early_stop_on", EarlyStopSplit), ("optimizer", OptimizerName)):
@@ -112,6 +120,7 @@ class TrainConfig:
             )
         if self.init_text is not None and not self.init_text.strip():
             raise ValueError("--init-text is empty; give some text or leave it out for the task's good prompt")
+        check_anchor(self.anchor_weight, self.anchor_text)
 
     def to_json(self) -> dict:
         return {k: v.value if isinstance(v, Enum) else v for k, v in asdict(self).items()}

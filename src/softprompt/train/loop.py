@@ -51,6 +51,7 @@ from softprompt.io.runs import (
 from softprompt.io.sources import load_prompt_source
 from softprompt.tasks.registry import Example, Task
 from softprompt.train import distributed
+from softprompt.train.anchor import anchor_embeddings, anchor_ids, anchor_penalty, faithfulness
 from softprompt.train.checkpoint import Progress, save_training_checkpoint, start_or_resume
 from softprompt.train.config import OptimizerName, TrainConfig, load_train_task
 
@@ -77,6 +78,7 @@ class TrainingRun:
     header: dict  # the prompt file's metadata
     state: Progress
     record: dict  # run.json
+    anchor: Tensor | None = None  # [P, H] on the prompt's device, only with --anchor-weight > 0
 
 
 def train(
@@ -150,8 +152,21 @@ def set_up(config: TrainConfig, out_dir: Path, backbone: Backbone | None, data_d
         save_snapshot(writer, prompt, header, state)
     data.update(train=len(train_items), dev=len(dev_items), val=len(splits.val), early_stop_on=config.early_stop_on.value)
     record = start_record(config, task, backbone, data, init_ids, state, out_dir if resume else None)
+    anchor, record["anchor"] = make_anchor(backbone, task, config)
     writer.write_record(record)
-    return TrainingRun(task, backbone, writer, train_items, dev_items, splits.val, prompt, optimizer, generator, header, state, record)
+    return TrainingRun(task, backbone, writer, train_items, dev_items, splits.val, prompt, optimizer, generator, header, state, record, anchor)
+
+
+def make_anchor(backbone: Backbone, task: Task, config: TrainConfig) -> tuple[Tensor | None, dict]:
+    """The anchor `[P, H]` on the backbone's device (None at weight 0: no penalty), and run.json's `anchor`.
+
+    The anchor's token ids are recorded at every weight, so `faithfulness` is measured at G = 0 too.
+    """
+    text = config.anchor_text or config.init_text or task.init_text
+    info = {"text": text, "weight": config.anchor_weight, "ids": anchor_ids(backbone.tokenizer, text, config.num_tokens)}
+    if config.anchor_weight == 0:
+        return None, info
+    return anchor_embeddings(backbone.model, backbone.tokenizer, text, config.num_tokens).to(backbone.device), info
 
 
 def start_record(
@@ -224,7 +239,7 @@ def train_epoch(run: TrainingRun, config: TrainConfig, progress: bool) -> float:
     tokens, epoch_start, pending = 0, time.time(), None
     for i in range(state.batch, len(batches)):
         # data-parallel: this rank's share of the batch; the loss read is the whole batch's on every rank
-        loss, num_tokens = distributed.share_loss(loss_step, run.backbone, run.prompt, [run.train_items[j] for j in batches[i]], pad_id)
+        loss, num_tokens = step_loss(run, [run.train_items[j] for j in batches[i]], pad_id, config.anchor_weight)
         tokens += num_tokens  # counted on the host, before the batch moves
         value = read_step(run.record, run.writer, pending, distributed.batch_loss(loss))  # the one host sync of the step
         if not math.isfinite(value):
@@ -245,6 +260,18 @@ def train_epoch(run: TrainingRun, config: TrainConfig, progress: bool) -> float:
     read_step(run.record, run.writer, pending)
     bar.close()
     return tokens / max(time.time() - epoch_start, 1e-6)
+
+
+def step_loss(run: TrainingRun, items: list[Encoded], pad_id: int, anchor_weight: float) -> tuple[Tensor, int]:
+    """This rank's term of the step's loss: the task loss (`loss_step`) plus, with an anchor, its penalty.
+
+    Data-parallel ranks each add 1/world of the penalty, so the summed gradients carry it once. The
+    history's `train_loss` is this sum; dev and val losses are the task loss alone.
+    """
+    loss, num_tokens = distributed.share_loss(loss_step, run.backbone, run.prompt, items, pad_id)
+    if run.anchor is not None:
+        loss = loss + anchor_penalty(run.prompt, run.anchor, anchor_weight) / distributed.world_size()
+    return loss, num_tokens
 
 
 STEP_FAULTS = {1: "gradient is not finite at {where}", 2: "the prompt became non-finite at {where}; lower --lr or set --max-grad-norm"}
@@ -337,6 +364,7 @@ def finish(run: TrainingRun, max_length: int, eval_batch_size: int, started: flo
     # the saved prompt was scored on dev when it was best; checkpoints from before best_dev existed rescore it
     record["dev"] = state.best_dev or metrics(score(run.backbone, best, run.dev_items, eval_batch_size))
     record["val"] = evaluate(run.backbone, best, run.task, run.val, max_length, eval_batch_size)
+    record["faithfulness"] = faithfulness(best, record["anchor"]["ids"], run.backbone.model)  # rows on their anchor token
     record["steps"] = state.step
     record["wall_s"] = round(time.time() - started, 1)
     record["status"] = "done"
