@@ -23,7 +23,7 @@ from softprompt.backbones.fastpath import cpu_hardware
 from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
 from softprompt.core.prompt import embed_text, from_embedded_text
 from softprompt.data.batch import encode
-from softprompt.eval.scoring import score
+from softprompt.eval.scoring import JUDGE_MARGIN, score
 from softprompt.io.sources import load_prompt_source
 
 try:
@@ -52,10 +52,11 @@ def compare(fp32, bf16, prompt, items, bound: float, batch_size: int) -> dict:
     m32, m16 = top_two_margin(exact.logprobs[0]), top_two_margin(fast.logprobs[0])
     flips = (exact.predictions()[0] != fast.predictions()[0]).nonzero().flatten().tolist()
     near = (m16 <= bound).nonzero().flatten().tolist()
-    _, trescore = timed(lambda: score(fp32, prompt, [items[i] for i in near], batch_size) if near else None)
     judged = fast.predictions()[0].clone()
+    trescore = 0.0
     if near:
-        judged[near] = score(fp32, prompt, [items[i] for i in near], batch_size).predictions()[0]
+        rescored, trescore = timed(lambda: score(fp32, prompt, [items[i] for i in near], batch_size))
+        judged[near] = rescored.predictions()[0]
     labels = exact.labels
     return {
         "n": len(items),
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["cb", "rte", "copa", "wsc"])
     parser.add_argument("--prompt", action="append", default=[], help="TASK=SOURCE: a trained prompt to compare too")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--bound", type=float, default=0.25, help="re-score in fp32 where the bf16 margin is at most this")
+    parser.add_argument("--bound", type=float, default=JUDGE_MARGIN, help="re-score in fp32 where the bf16 margin is at most this")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/parity.json"))

@@ -122,3 +122,25 @@ def test_generate_continues_the_task_files_examples(copa_run, copa_yaml):
     assert len(targets) == 2
     for line, example in zip(targets, examples):
         assert line.endswith(f"(target {example.choices[example.label].strip()!r})")
+
+
+def test_the_fast_path_flags_on_every_command_that_runs_the_model(copa_yaml, tiny_model_dir, tmp_path, monkeypatch):
+    """`--dtype bfloat16 --attention eager` through train, evaluate, generate and interpret: each runs what it was asked."""
+    monkeypatch.setenv("SOFTPROMPT_NATIVE_BF16", "1")  # as on a CPU with AMX or AVX512-BF16 (no emulation warning)
+    fast = ("--dtype", "bfloat16", "--attention", "eager", "--device", "cpu")
+    out = tmp_path / "run"
+    invoke("train", "--task", copa_yaml, "--model", tiny_model_dir, "--out", out, "--num-tokens", "4", "--epochs", "1",
+           "--min-dev-examples", "4", "--batch-size", "4", "--max-length", "64", *fast)
+    record = json.loads((out / RUN_FILE).read_text())
+    assert (record["hardware"]["dtype"], record["hardware"]["attention"], record["hardware"]["scores_in_float32"]) == ("bfloat16", "eager", False)
+    with safe_open(out / PROMPT_FILE, framework="pt") as f:
+        assert (f.metadata()["dtype"], f.metadata()["attention"]) == ("bfloat16", "eager")
+    invoke("evaluate", "--task", copa_yaml, "--prompt", out, "--limit", "4", *fast, "--out", tmp_path / "eval.json")
+    hardware = json.loads((tmp_path / "eval.json").read_text())["hardware"]
+    assert (hardware["dtype"], hardware["attention"]) == ("bfloat16", "eager")
+    assert invoke("generate", "--prompt", out, "--text", "The cat", "--max-new-tokens", "2", *fast).strip()
+    invoke("interpret", out, *fast, "--json", tmp_path / "rows.json")
+    read = json.loads((tmp_path / "rows.json").read_text())
+    assert len(read["rows"]) == 4 and (read["hardware"]["dtype"], read["hardware"]["attention"]) == ("bfloat16", "eager")
+    bad = CliRunner().invoke(app, ["evaluate", "--task", copa_yaml, "--prompt", str(out), "--attention", "flash", "--device", "cpu"])
+    assert bad.exit_code == 2 and "--attention 'flash': LlamaForCausalLM offers eager, sdpa here" in bad.output

@@ -19,7 +19,7 @@ from softprompt.backbones.fastpath import Hardware
 from softprompt.backbones.loading import on_fast_path, resolve_dtype
 from softprompt.core.forward import logits_at, prompt_keys_values
 from softprompt.data.batch import encode
-from softprompt.eval.scoring import JUDGE_MARGIN, near_ties, score, score_mixed
+from softprompt.eval.scoring import score, score_mixed
 from softprompt.io.runs import RUN_FILE, check_resume_dtype, load_prompt
 from softprompt.tasks.registry import get_task, load_examples
 from softprompt.train.config import TrainConfig
@@ -110,47 +110,35 @@ def test_resume_refuses_another_dtype(tiny_model_dir, tmp_path):
         check_resume_dtype(out, "float32")
 
 
-def test_near_ties_on_hand_made_scores():
-    inf = float("inf")
-    logprobs = torch.tensor([
-        [[-1.0, -1.2, -5.0], [-1.0, -3.0, -inf], [-2.0, -inf, -inf]],  # prompt 0: example 0 within 0.25
-        [[-1.0, -4.0, -5.0], [-2.0, -2.25, -inf], [-2.0, -inf, -inf]],  # prompt 1: example 1 exactly at 0.25
-    ])
-    assert near_ties(logprobs, 0.25) == [0, 1]  # example 2 has one choice: never tied
-    assert near_ties(logprobs, 0.1) == []
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
-def test_bf16_judged_in_fp32_predicts_as_fp32(tokenizer, arch):
+def test_auto_trains_in_bf16_and_scores_in_fp32(tokenizer, arch):
+    """`--dtype auto` on a native-bf16 CPU: the training forward runs bf16 weights; every score is fp32's, bit for bit."""
     fp32 = model_from_config(TINY_CONFIGS[arch], tokenizer, seed=0)
-    judged = on_fast_path(model_from_config(TINY_CONFIGS[arch], tokenizer, seed=0), torch.bfloat16)
-    assert judged.dtype == "bfloat16" and judged.reference is not None and judged.reference.dtype == torch.float32
+    auto = on_fast_path(model_from_config(TINY_CONFIGS[arch], tokenizer, seed=0), torch.bfloat16)
+    assert auto.dtype == "bfloat16" and auto.reference.dtype == torch.float32
+    assert auto.hardware()["scores_in_float32"] and auto.scoring().dtype == "float32" and auto.scoring().reference is None
     items = [encode(tokenizer, e, 64) for e in load_examples(get_task("cb"), "val", FIXTURE_DATA)]
     prompt = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
-    bf16_only = score(replace(judged, reference=None), prompt, items, 4)
-    want, got = score(fp32, prompt, items, 4), score(judged, prompt, items, 4)
-    near = near_ties(bf16_only.logprobs, JUDGE_MARGIN)
-    assert near  # random tiny models tie often: the re-judging really ran
-    assert torch.equal(got.predictions(), want.predictions())
-    torch.testing.assert_close(got.logprobs[:, near], want.logprobs[:, near], atol=1e-5, rtol=0)  # fp32's numbers
-    far = [i for i in range(len(items)) if i not in near]
-    assert torch.equal(got.logprobs[:, far], bf16_only.logprobs[:, far])  # bf16's numbers elsewhere
+    want, got = score(fp32, prompt, items, 4), score(auto, prompt, items, 4)
+    assert torch.equal(got.logprobs, want.logprobs) and torch.equal(got.exact, want.exact)
+    assert not torch.equal(score(replace(auto, reference=None), prompt, items, 4).logprobs, want.logprobs)  # bf16 differs
+    ids = torch.tensor([items[0].context])
+    one = torch.tensor([0])
+    train_logits = logits_at(auto.model, prompt, ids, torch.ones_like(ids), one, torch.tensor([ids.shape[1] - 1]))
+    fp32_logits = logits_at(fp32.model, prompt, ids, torch.ones_like(ids), one, torch.tensor([ids.shape[1] - 1]))
+    assert not torch.equal(train_logits, fp32_logits)  # the training forward is bf16's
 
 
-def test_mixed_batches_judged_in_fp32_predict_as_fp32(tokenizer):
-    """The server's path: items of two prompts share forwards in bf16; near ties are re-scored with fp32 caches."""
+def test_mixed_batches_score_in_fp32_under_auto(tokenizer):
+    """The server's path: items of two prompts share forwards on the fp32 weights beside bf16 ones."""
     fp32 = model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0)
-    judged = on_fast_path(model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0), torch.bfloat16)
+    auto = on_fast_path(model_from_config(TINY_CONFIGS["llama"], tokenizer, seed=0), torch.bfloat16)
     items = [encode(tokenizer, e, 64) for e in load_examples(get_task("cb"), "val", FIXTURE_DATA)]
     prompts = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
     prompt_of = [i % 2 for i in range(len(items))]
-    caches = [prompt_keys_values(judged.model, p) for p in prompts]
-    reference = [prompt_keys_values(judged.reference, p) for p in prompts]
     want = score_mixed(fp32, [prompt_keys_values(fp32.model, p) for p in prompts], prompt_of, items, 4)
-    bf16_only = score_mixed(judged, caches, prompt_of, items, 4)
-    got = score_mixed(judged, caches, prompt_of, items, 4, reference_caches=reference)
-    assert near_ties(bf16_only.logprobs, JUDGE_MARGIN)  # the re-judging really ran
-    assert torch.equal(got.predictions(), want.predictions())
+    got = score_mixed(auto, [prompt_keys_values(auto.scoring().model, p) for p in prompts], prompt_of, items, 4)
+    assert torch.equal(got.logprobs, want.logprobs)
 
 
 def test_resume_refuses_another_attention(tiny_model_dir, tmp_path):

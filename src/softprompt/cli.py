@@ -101,7 +101,7 @@ def load_prompted_backbone(
             another tokenizer. FileNotFoundError: no prompt at `prompt_path`.
     """
     source = load_prompt_source(prompt_path) if prompt_path is not None else None
-    backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device, dtype, attention)
+    backbone = load_backbone(model or (source and source.model) or DEFAULT_MODEL, device, dtype, attention).scoring()  # no training here
     if source is None:
         return backbone, None
     return backbone, load_prompt_source(prompt_path, backbone=backbone).prompt  # every check: hidden size, tokenizer, ...
@@ -300,9 +300,12 @@ def interpret_findings_options(func):
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Nearest tokens per prompt row.")
 @click.option("--model", default=None, help="Backbone (default: the model the run was trained on).")
 @click.option("--device", default="auto", show_default=True)
+@fast_path_options
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the table (and every finding asked for) as JSON here.")
 @interpret_findings_options
-def interpret_command(run_dir: Path, top_k: int, model: str | None, device: str, json_out: Path | None, **findings) -> None:
+def interpret_command(
+    run_dir: Path, top_k: int, model: str | None, device: str, dtype: str, attention: str, json_out: Path | None, **findings
+) -> None:
     """Nearest vocabulary tokens (cosine) of each prompt row, with persisted init tokens and scripts;
     with --rows, --project, --elicit: which rows matter, what that reading keeps, what the model says the prompt means."""
     from softprompt.analysis.interpret import format_table, interpret_run, rows_to_json
@@ -311,7 +314,7 @@ def interpret_command(run_dir: Path, top_k: int, model: str | None, device: str,
     try:
         record = read_run(run_dir)
         findings = check_findings_flags(run_dir, record, **findings)  # before the backbone loads
-        backbone = load_backbone(model or record.get("model") or DEFAULT_MODEL, device)
+        backbone = load_backbone(model or record.get("model") or DEFAULT_MODEL, device, dtype, attention).scoring()
         rows = interpret_run(run_dir, backbone.model, backbone.tokenizer, top_k)
         extra = interpret_findings(run_dir, record, backbone, [row.persisted for row in rows], **findings)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -321,7 +324,8 @@ def interpret_command(run_dir: Path, top_k: int, model: str | None, device: str,
     for text in extra.pop("printed"):
         click.echo("\n" + text)
     if json_out is not None:
-        atomic_write_json(json_out, {"run": str(run_dir), "task": record.get("task"), "rows": rows_to_json(rows), **extra})
+        atomic_write_json(json_out, {"run": str(run_dir), "task": record.get("task"), "hardware": backbone.hardware(),
+                                     "rows": rows_to_json(rows), **extra})
 
 
 def check_findings_flags(run_dir: Path, record: dict, **flags) -> dict:

@@ -99,6 +99,7 @@ def elicit(backbone: Backbone, prompt: Tensor, frames: tuple[str, ...] = FRAMES,
     if max_new_tokens < 1:
         raise ValueError(f"a description needs at least one token; got max_new_tokens={max_new_tokens}")
     parts = [split_frame(frame) for frame in frames]  # every frame checked before any generation
+    backbone = backbone.scoring()  # fp32 beside bf16 training weights: what the model says, as every reported number
     tokenizer, out = backbone.tokenizer, []
     for frame, (prefix, suffix) in zip(frames, parts):
         cache = prompt_keys_values(backbone.model, frame_embeddings(backbone, prompt, prefix))

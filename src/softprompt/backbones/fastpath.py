@@ -21,14 +21,11 @@ import torch
 from transformers import PreTrainedModel
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of a CPU that multiplies bf16 natively
+NATIVE_BF16_ENV = "SOFTPROMPT_NATIVE_BF16"  # "1" or "0" overrides the flags (a VM that hides them; the test suite)
 REPORTED_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")  # what run.json records of a CPU
-ATTENTION_CHOICES = ("auto", "eager", "sdpa")  # --attention; a model may offer more (flash_attention_2 on CUDA)
-DTYPE_HELP = ("Backbone weights: auto (bf16 where the CPU (AMX, AVX512-BF16) or GPU computes it natively, near ties "
-              "re-judged in fp32; else float32), float32, bfloat16, float16.")
+DTYPE_HELP = ("Backbone weights: auto (bf16 where the CPU (AMX, AVX512-BF16) or GPU computes it natively, training "
+              "in bf16, scoring and generation in fp32; else float32), float32, bfloat16, float16 (named: everything in it).")
 ATTENTION_HELP = "Attention implementation: auto (the measured fastest for the device and dtype), eager, sdpa, or another the model offers."
-# Emulated bf16 (no native matmul) against fp32 on the same CPU: what the warning quotes. Measured by
-# bench/bench_fastpath.py with `--no-native-bf16`-free hardware: see bench/README.md.
-EMULATED_BF16_SLOWDOWN = "slower than float32 (bf16 matmul is emulated on this CPU)"
 
 
 @dataclass(frozen=True)
@@ -66,9 +63,6 @@ def _torch_cpu_flags() -> set[str]:
     return found | ({"amx_bf16"} if "amx_tile" in found else set())
 
 
-NATIVE_BF16_ENV = "SOFTPROMPT_NATIVE_BF16"  # "1" or "0" overrides the flags (a VM that hides them; the test suite)
-
-
 @cache
 def cpu_hardware() -> Hardware:
     """This machine's CPU: its model name and which of the bf16-relevant flags it has.
@@ -104,18 +98,25 @@ def auto_dtype(hardware: Hardware) -> torch.dtype:
 
 
 def warn_if_emulated(dtype: torch.dtype, hardware: Hardware) -> None:
-    """Asked for bf16 on a CPU that emulates it: it runs, but say once that it is slower than fp32."""
+    """Asked for bf16 on a CPU that emulates it: it runs, but say once that it is slower than fp32.
+
+    How much slower was not measured here (no AVX2-only CPU was at hand); the warning says so without a factor.
+    """
     if dtype == torch.bfloat16 and hardware.device == "cpu" and not hardware.native_bf16:
+        why = (f"{NATIVE_BF16_ENV}=0" if os.environ.get(NATIVE_BF16_ENV) == "0"
+               else "no amx_bf16 or avx512_bf16 in its flags")
         warnings.warn(
-            f"--dtype bfloat16 on {hardware.model}, which has no native bf16 matmul (no amx_bf16 or avx512_bf16): "
-            f"it runs {EMULATED_BF16_SLOWDOWN}; use --dtype auto or float32 for speed",
+            f"--dtype bfloat16 on {hardware.model}, which has no native bf16 matmul ({why}): bf16 matmul is emulated "
+            f"and runs slower than float32; use --dtype auto or float32 for speed",
             stacklevel=3,
         )
 
 
-# The fastest exact attention per (device type, dtype), from bench/bench_fastpath.py (training step and
-# scoring, SmolLM2, 2 threads); see bench/README.md for the numbers. Eager wins on CPU: torch's CPU
-# flash-attention backward is slow, and at these lengths (< 300 tokens) the plain matmuls are cheap.
+# The fastest exact attention per (device type, dtype), from bench/bench_fastpath.py (bench/fastpath.json: SmolLM2,
+# 2 threads, 2-core AMD EPYC Zen 4 with AVX512-BF16, 2026-12-07; training tokens/s, medians of 3 interleaved passes):
+# bf16 eager 506.5 against bf16 sdpa 373.7 (torch's CPU flash-attention backward is slow in bf16); fp32 sdpa 276.1
+# against eager 273.3, and scoring ties in both dtypes, so fp32 keeps transformers' default. CUDA: not measured here
+# (no GPU was at hand); sdpa, transformers' default.
 MEASURED_ATTENTION = {
     ("cpu", torch.float32): "sdpa",
     ("cpu", torch.bfloat16): "eager",

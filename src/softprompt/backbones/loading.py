@@ -57,7 +57,8 @@ class Backbone:
     name: str
     device: torch.device
     source: dict = field(default_factory=dict)  # where the weights came from, for run.json (GGUF sha256, quantisation, hub id)
-    # fp32 weights beside low-precision ones: scoring re-judges near-tied examples with them (eval/scoring.py)
+    # fp32 weights beside low-precision ones (`--dtype auto`): training steps run on `model`, scoring and
+    # generation on these, so every reported number is fp32's (`scoring()`)
     reference: PreTrainedModel | None = field(default=None, repr=False, compare=False)
     # (id of the model it belongs to, sha256): a copy with another model (dataclasses.replace) hashes anew
     _weights: tuple[int, str] | None = field(default=None, init=False, repr=False, compare=False)
@@ -85,7 +86,11 @@ class Backbone:
     def hardware(self) -> dict:
         """What the weights run on and how, as run.json, prompt headers, the score cache and `/v1/models` record it."""
         return {**device_hardware(self.device).to_json(), "dtype": self.dtype, "attention": self.attention,
-                "judged_in_float32": self.reference is not None}
+                "scores_in_float32": self.reference is not None}
+
+    def scoring(self) -> Backbone:
+        """The backbone that scores and generates: on the fp32 `reference` where there is one, else this one."""
+        return self if self.reference is None else replace(self, model=self.reference, reference=None)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -421,7 +426,7 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_backbone(
-    name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", attention: str = "auto", judge_in_float32: bool = True
+    name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", attention: str = "auto", score_in_float32: bool | None = None
 ) -> Backbone:
     """Load a frozen causal LM and its tokenizer, on the fast path of the device it runs on.
 
@@ -433,8 +438,10 @@ def load_backbone(
             Prompts stay fp32 whatever this is.
         attention: `auto` (the measured fastest for the device and dtype: `fastpath.MEASURED_ATTENTION`),
             or an implementation the model offers (`eager`, `sdpa`, ...).
-        judge_in_float32: with low-precision weights, keep an fp32 copy that re-scores near-tied
-            examples, so reported predictions are fp32's (`eval.scoring.JUDGE_MARGIN`).
+        score_in_float32: with low-precision weights, keep an fp32 copy that scores and generates, so
+            every reported number is fp32's while training steps run in low precision. Default: yes for
+            `auto`, no for a dtype named outright (then everything runs in it: fastest, but bf16 flips
+            near-tied predictions; bench/parity.json).
 
     Raises:
         ValueError: unknown model name, device, dtype or attention, or bf16 asked of a GPU without it.
@@ -452,17 +459,18 @@ def load_backbone(
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     check_pad_token(tokenizer, name)
     model = freeze(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)).to(resolved_device)
-    backbone = on_fast_path(Backbone(model, tokenizer, name, resolved_device, facts), resolved_dtype, attention, judge_in_float32)
+    keep_fp32 = dtype == "auto" if score_in_float32 is None else score_in_float32
+    backbone = on_fast_path(Backbone(model, tokenizer, name, resolved_device, facts), resolved_dtype, attention, keep_fp32)
     if "weights_sha256" in facts:  # the cached copy's files, checked against its manifest: no need to hash again
         backbone._weights = (id(backbone.model), facts["weights_sha256"])
     return backbone
 
 
-def on_fast_path(backbone: Backbone, dtype: torch.dtype, attention: str = "auto", judge_in_float32: bool = True) -> Backbone:
+def on_fast_path(backbone: Backbone, dtype: torch.dtype, attention: str = "auto", score_in_float32: bool = True) -> Backbone:
     """`backbone` (fp32 weights) cast to `dtype` with the attention kernel chosen for it.
 
-    With low-precision weights and `judge_in_float32`, the fp32 model stays as `reference` (its own
-    attention: the fastest for fp32) to re-judge near ties; the cast weights are a copy.
+    With low-precision weights and `score_in_float32`, the fp32 model stays as `reference` (its own
+    attention: the fastest for fp32) for scoring and generation; the cast weights are a copy.
 
     Raises:
         ValueError: `attention` names an implementation the model lacks.
@@ -472,9 +480,9 @@ def on_fast_path(backbone: Backbone, dtype: torch.dtype, attention: str = "auto"
     if dtype == torch.float32:
         fp32.set_attn_implementation(choice)
         return replace(backbone, reference=None)
-    model = copy.deepcopy(fp32).to(dtype) if judge_in_float32 else fp32.to(dtype)
+    model = copy.deepcopy(fp32).to(dtype) if score_in_float32 else fp32.to(dtype)
     model.set_attn_implementation(choice)
-    if judge_in_float32:
+    if score_in_float32:
         fp32.set_attn_implementation(choose_attention(fp32, backbone.device, torch.float32))
-    return replace(backbone, model=model, reference=fp32 if judge_in_float32 else None)
+    return replace(backbone, model=model, reference=fp32 if score_in_float32 else None)
 

@@ -66,7 +66,7 @@ def generate_texts(
     Each text is cut before the first of `until` and stripped of surrounding whitespace. A context
     keeps its last `max_length - max_new_tokens` tokens (at least one), as in scoring.
     """
-    model, tokenizer = backbone.model, backbone.tokenizer
+    model, tokenizer = backbone.scoring().model, backbone.tokenizer  # fp32 beside bf16 training weights
     room = max(1, max_length - max_new_tokens)
     cache = None if prompt is None else prompt_keys_values(model, prompt.to(backbone.device))
     out = []

@@ -41,7 +41,6 @@ class BankEntry:
     checksum: str | None  # SHA-256 of the prompt's fp32 values, as in the prompt file's header
     source: str | None
     cache: object = field(default=None, repr=False)  # prompt_keys_values at batch 1, computed once
-    reference_cache: object = field(default=None, repr=False)  # the same under the fp32 reference (near ties), if any
 
     @property
     def num_tokens(self) -> int:
@@ -80,8 +79,7 @@ def load_bank(backbone: Backbone, sources: list[tuple[str, Path]]) -> list[BankE
             raise ValueError(f"--prompt name {name!r} is given twice (or is the backbone's name); give each prompt its own name")
         loaded = load_prompt_source(path, backbone=backbone)  # checksum, no-pickle, finite, hidden size, tokenizer
         prompt = loaded.prompt.to(backbone.device)
-        cache = prompt_keys_values(backbone.model, prompt)
-        reference_cache = None if backbone.reference is None else prompt_keys_values(backbone.reference, prompt)
+        cache = prompt_keys_values(backbone.model, prompt)  # the server hands the bank its serving backbone (`scoring()`)
         task = loaded.task if loaded.task in TASKS else None
-        bank.append(BankEntry(name, task, prompt, tensor_sha256(loaded.prompt), str(path), cache, reference_cache))
+        bank.append(BankEntry(name, task, prompt, tensor_sha256(loaded.prompt), str(path), cache))
     return bank

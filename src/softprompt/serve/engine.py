@@ -67,8 +67,7 @@ def score_jobs(backbone: Backbone, bank: list[BankEntry], jobs: list[ScoreJob], 
     """
     prompt_of = [p for job in jobs for p in job.prompt_of]
     items = [item for job in jobs for item in job.items]
-    reference = [entry.reference_cache for entry in bank] if backbone.reference is not None else None
-    logprobs = score_mixed(backbone, [entry.cache for entry in bank], prompt_of, items, batch_size, reference_caches=reference).logprobs[0]  # [E, C]
+    logprobs = score_mixed(backbone, [entry.cache for entry in bank], prompt_of, items, batch_size).logprobs[0]  # [E, C]
     out, start = [], 0
     for job in jobs:
         out.append(logprobs[start : start + len(job.items)])

@@ -36,11 +36,10 @@ def serve(fields: dict, prompt_specs: list[str], echo: Callable[[str], None] = p
     for name, path in sources:
         if not path.exists():  # before the model loads, which takes seconds
             raise FileNotFoundError(f"--prompt {name}={path}: no such run folder, adapter or prompt file")
-    backbone = load_backbone(config.model, config.device, config.dtype, config.attention)
+    backbone = load_backbone(config.model, config.device, config.dtype, config.attention).scoring()  # serving never trains
     bank = load_bank(backbone, sources)
     hardware = backbone.hardware()
-    echo(f"backbone {backbone.name}: {hardware['dtype']} weights, {hardware['attention']} attention on {hardware['model']}"
-         + (" (near ties re-judged in float32)" if hardware["judged_in_float32"] else ""))
+    echo(f"backbone {backbone.name}: {hardware['dtype']} weights, {hardware['attention']} attention on {hardware['model']}")
     for entry in bank[1:]:
         echo(f"prompt {entry.name}: task {entry.task}, {entry.num_tokens} tokens, sha256 {entry.checksum[:12]}, {entry.source}")
     app = create_app(backbone, bank, config)

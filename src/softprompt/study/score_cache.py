@@ -71,7 +71,7 @@ def score_cache_model_key(backbone: Backbone) -> dict:
         "weights": backbone.weights_sha256(),
         "dtype": str(backbone.model.dtype),
         "attention": backbone.attention,  # kernels differ in their last bits
-        "judged_in_float32": backbone.reference is not None,
+        "dtype_scored": str(backbone.scoring().model.dtype),  # fp32 beside bf16 training weights
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "softprompt": softprompt.__version__},
     }
 
