@@ -212,5 +212,5 @@ def evaluate_tasks(
 def _text_prompt(backbone: Backbone, config: StudyConfig, task: str) -> Tensor:
     """The task's good-prompt text as token embeddings (as `softprompt evaluate --text-prompt`)."""
     text = config.train_config(task, config.seeds[0]).init_text or get_task(task).init_text
-    return embed_text(backbone.model, backbone.tokenizer, text)
+    return embed_text(backbone.scoring().model, backbone.tokenizer, text)  # fp32's embeddings, as evaluate's
 
