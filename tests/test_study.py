@@ -22,6 +22,7 @@ from softprompt.report.html import FIGURES, write_report
 from softprompt.study.pipeline import StudyConfig, run_study
 from softprompt.study.results import accuracy_intervals, task_evaluation
 from softprompt.tasks.data import Example
+from softprompt.train.config import TrainConfig
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
 TABLES = ("accuracy", "ensemble", "stochasticity", "zero_shot", "runs", "similarity", "cosine", "similarity_centroids",
@@ -199,8 +200,13 @@ def test_every_study_budget_fits_the_whole_superglue_splits(path):
     [({"spot_steps": -1}, "`spot_steps` must be 0 \\(off\\) or more, got -1"),
      ({"ablation_lengths": [1, 5]}, "`ablation_lengths` and `ablation_inits` go together"),
      ({"ablation_lengths": [0], "ablation_inits": ["text"]}, "`ablation_lengths` must list lengths >= 1, got \\[0\\]"),
-     ({"ablation_lengths": [1], "ablation_inits": ["prompt"]}, "`ablation_inits` has \\['prompt'\\]; choose from text, class-labels, vocab, random")],
-    ids=["spot-steps", "ablation-half", "ablation-length", "ablation-init"],
+     ({"ablation_lengths": [1], "ablation_inits": ["prompt"]}, "`ablation_inits` has \\['prompt'\\]; choose from text, class-labels, vocab, random"),
+     ({"spot_val_examples": 0}, "`spot_val_examples` must be at least 1 \\(leave it out for all\\), got 0"),
+     ({"interpret_examples": -2}, "`interpret_examples` must be at least 1 \\(leave it out for all\\), got -2"),
+     ({"interpret_tasks": ["copa"]}, "`interpret_tasks` names \\['copa'\\], not in `tasks` \\['cb', 'rte'\\]"),
+     ({"interpret_seeds": [0, 3]}, "`interpret_seeds` names \\[3\\], not in `seeds` \\[0\\]")],
+    ids=["spot-steps", "ablation-half", "ablation-length", "ablation-init", "spot-val", "interpret-examples", "interpret-task",
+         "interpret-seed"],
 )
 def test_stage_keys_are_checked(change, message):
     with pytest.raises(ValueError, match=message):
@@ -430,3 +436,14 @@ def test_report_puts_the_papers_transfer_cell_beside_ours(study_dir, tmp_path):
     write_report(tmp_path)
     assert (tmp_path / "transfer_beside_paper.csv").read_text().splitlines() == [
         "source prompt,target task,ours,paper", "cb,cb,5.0,", "cb,copa,-1.5,0.4", "copa,cb,2.0,", "copa,copa,0.0,"]
+
+
+@pytest.mark.parametrize(("own", "cap", "expected"), [(None, 64, 64), (56, 64, 56), (277, 64, 64), (277, None, 277), (None, None, None)])
+def test_spot_runs_score_on_at_most_spot_val_examples(tmp_path, own, cap, expected):
+    from softprompt.study.spot import spot_jobs
+
+    base = {t: TrainConfig(task=t, max_val_examples=own) for t in ("cb", "rte")}
+    jobs = spot_jobs(base, {"cb": tmp_path / "cb-s0", "rte": tmp_path / "rte-s0"}, 4, tmp_path, val_examples=cap)
+    assert sorted(p.name for p in jobs) == ["cb__rte", "default__cb", "default__rte", "rte__cb"]
+    assert {c.max_val_examples for c in jobs.values()} == {expected}
+    assert {c.max_steps for c in jobs.values()} == {4}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import random
 from dataclasses import asdict
 
 import pytest
@@ -37,7 +38,8 @@ def study(tmp_path_factory, tiny_model_dir):
 def test_interpretation_has_every_run_with_num_tokens_rows(study):
     config, _, results = study
     block = results["interpretation"]
-    assert set(block) == {"runs", "persisted_vs_drifted", "frames", "max_new_tokens"}
+    assert set(block) == {"runs", "persisted_vs_drifted", "frames", "max_new_tokens", "examples"}
+    assert block["examples"] == {"cb": 5, "rte": 5}  # no `interpret_examples`: the study's whole eval set
     assert set(block["runs"]) == {f"{t}-s{s}" for t in config.tasks for s in config.seeds}
     for finding in block["runs"].values():
         assert set(finding) == {"task", "seed", "rows", "reading", "elicitation"}
@@ -60,6 +62,22 @@ def test_findings_are_the_library_functions_on_the_study_eval_set(study, tiny_mo
     assert json.dumps(results["interpretation"]["runs"][name]["rows"], sort_keys=True) == json.dumps(expected, sort_keys=True)
     texts = [d["text"] for d in results["interpretation"]["runs"][name]["elicitation"]["final"]]
     assert texts == [e.text for e in elicit(backbone, prompt)]
+
+
+def test_interpret_keys_choose_the_runs_and_a_seeded_share_of_the_eval_set(tmp_path, tiny_model_dir):
+    """`interpret_tasks`, `interpret_seeds` and `interpret_examples` size the stage: one run read, on 3 of its 5 items."""
+    config = tiny_study(tiny_model_dir, **QUICK, interpret_tasks=["rte"], interpret_seeds=[1], interpret_examples=3)
+    results = run_study(config, tmp_path, data_dir=FIXTURE_DATA, progress=False, echo=lambda _: None)
+    block = results["interpretation"]
+    assert set(block["runs"]) == {"rte-s1"} and block["examples"] == {"rte": 3}
+    backbone = load_backbone(str(tiny_model_dir), "cpu")
+    _, items = eval_set("rte", config, backbone.tokenizer, FIXTURE_DATA)
+    share = [items[i] for i in sorted(random.Random(0).sample(range(5), 3))]
+    assert share != items[:3]  # seeded, not the first three (the fixture's first items share a label)
+    record, (prompt, _) = read_run(tmp_path / "runs" / "rte-s1"), load_prompt(tmp_path / "runs" / "rte-s1", hidden_size=backbone.hidden_size)
+    persisted = [r.persisted for r in interpret_prompt(backbone.model, backbone.tokenizer, prompt, record["init_ids"], k=1)]
+    expected = row_table(row_importance(backbone, prompt, share, init_embeddings(backbone.model, record["init_ids"]), 8), persisted)
+    assert json.dumps(block["runs"]["rte-s1"]["rows"], sort_keys=True) == json.dumps(expected, sort_keys=True)
 
 
 def test_the_pooled_test_pools_every_run(study):

@@ -531,6 +531,9 @@ def interpretation_html(results: dict) -> str:
             f'persisted minus drifted rows (vocabulary-mean replacement): {e(t["statistic"])}, one-sided permutation p = {e(t["p_value"])} '
             f'({"exact" if t["exact"] else "sampled"}, {t["permutations"]} relabellings within each prompt; {t["persisted"]} persisted and '
             f'{t["drifted"]} drifted rows from {t["prompts"]} prompts with both, seeds and tasks pooled).</p>')
+    if block.get("examples"):
+        test += (f'<p class="note">Scored on {", ".join(f"{n} {e(task)} examples" for task, n in sorted(block["examples"].items()))} '
+                 f'of the eval set (study key interpret_examples: a seeded subsample), for {len(block["runs"])} prompt(s).</p>')
     rows, reading, said = [], [], []
     for name, f in block["runs"].items():
         for r in f["rows"]["rows"]:

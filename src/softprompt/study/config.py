@@ -54,8 +54,20 @@ class StudyConfig:
         default=(), metadata=flag_help("Lester's ablation: prompt lengths to train for every task x `ablation_inits` (one seed).")
     )
     ablation_inits: tuple[str, ...] = field(default=(), metadata=flag_help("Lester's ablation: inits, e.g. [\"text\", \"random\"]."))
+    spot_val_examples: int | None = field(
+        default=None, metadata=flag_help("SPoT: each short run's val accuracy on a seeded subsample of at most this many (a smaller split whole; default: the task's `max_val_examples`).")
+    )
     interpret: bool = field(
         default=False, metadata=flag_help("Interpretation stage: row importance, what the reading keeps, elicited descriptions (issue 21).")
+    )
+    interpret_tasks: tuple[str, ...] = field(
+        default=(), metadata=flag_help("Interpretation stage: the tasks it reads (default: every task).")
+    )
+    interpret_seeds: tuple[int, ...] = field(
+        default=(), metadata=flag_help("Interpretation stage: the seeds whose prompts it reads (default: every seed).")
+    )
+    interpret_examples: int | None = field(
+        default=None, metadata=flag_help("Interpretation stage: score on a seeded subsample of N of each task's eval set (it costs 1 + 2P scorings a prompt; default: all).")
     )
 
     def __post_init__(self) -> None:
@@ -94,6 +106,17 @@ class StudyConfig:
     def _check_stage_keys(self) -> None:
         object.__setattr__(self, "ablation_lengths", tuple(self.ablation_lengths))
         object.__setattr__(self, "ablation_inits", tuple(self.ablation_inits))
+        object.__setattr__(self, "interpret_tasks", tuple(self.interpret_tasks))
+        object.__setattr__(self, "interpret_seeds", tuple(self.interpret_seeds))
+        for key in ("spot_val_examples", "interpret_examples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"study key `{key}` must be at least 1 (leave it out for all), got {getattr(self, key)}")
+        stray = [t for t in self.interpret_tasks if t not in self.tasks]
+        if stray:
+            raise ValueError(f"study key `interpret_tasks` names {stray}, not in `tasks` {list(self.tasks)}")
+        stray = [s for s in self.interpret_seeds if s not in self.seeds]
+        if stray:
+            raise ValueError(f"study key `interpret_seeds` names {stray}, not in `seeds` {list(self.seeds)}")
         for key in ("spot_steps", "probe_examples"):
             if getattr(self, key) < 0:
                 raise ValueError(f"study key `{key}` must be 0 (off) or more, got {getattr(self, key)}")
@@ -122,7 +145,8 @@ class StudyConfig:
     def to_json(self) -> dict:
         study = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
         study.update(tasks=list(self.tasks), seeds=list(self.seeds), ablation_lengths=list(self.ablation_lengths),
-                     ablation_inits=list(self.ablation_inits))
+                     ablation_inits=list(self.ablation_inits), interpret_tasks=list(self.interpret_tasks),
+                     interpret_seeds=list(self.interpret_seeds))
         study["per_task"] = {
             task: {k: v for k, v in self.train_config(task, self.seeds[0]).to_json().items() if k in overrides}
             for task, overrides in self.per_task.items()

@@ -16,6 +16,7 @@ prompt, the eval set or the backbone changed.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -117,7 +118,7 @@ def train_stages(
     base = {t: config.train_config(t, config.representative_seed) for t in config.tasks}
     wanted: dict[Path, TrainConfig] = {}
     if config.spot_steps and len(sources) > 1:
-        wanted |= spot.spot_jobs({t: base[t] for t in sources}, sources, config.spot_steps, out_dir.resolve())
+        wanted |= spot.spot_jobs({t: base[t] for t in sources}, sources, config.spot_steps, out_dir.resolve(), config.spot_val_examples)
     if config.ablation_lengths:
         wanted |= ablation.ablation_jobs(base, config.ablation_lengths, config.ablation_inits, out_dir.resolve())
     todo = {run_dir: c for run_dir, c in wanted.items() if not reusable(c, run_dir)}
@@ -176,8 +177,20 @@ def analyse(
         results["predictors"] = predictors(results["similarity"]["measures"], results["transfer"], results.get("spot", {}))
     results["drift"] = drifts(backbone, done)
     if config.interpret:
-        results["interpretation"] = interpret_runs(backbone, out_dir, records, prompts, items, batch_size)
+        chosen = {name: record for name, record in records.items()
+                  if record["task"] in (config.interpret_tasks or config.tasks)
+                  and record.get("config", {}).get("seed") in (config.interpret_seeds or config.seeds)}
+        subset = {task: interpretation_items(task_items, config.interpret_examples) for task, task_items in items.items()}
+        results["interpretation"] = interpret_runs(backbone, out_dir, chosen, prompts, subset, batch_size)
+        results["interpretation"]["examples"] = {task: len(subset[task]) for task in {r["task"] for r in chosen.values()}}
     return results
+
+
+def interpretation_items(items: list[Encoded], size: int | None) -> list[Encoded]:
+    """The interpretation stage's share of a task's eval set: `size` of its items drawn with seed 0, in order (all when None or more)."""
+    if size is None or size >= len(items):
+        return items
+    return [items[i] for i in sorted(random.Random(0).sample(range(len(items)), size))]
 
 
 def evaluate_tasks(

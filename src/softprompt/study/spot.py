@@ -18,19 +18,24 @@ from softprompt.study.grid import val_accuracy
 from softprompt.train.config import TrainConfig
 
 
-def spot_jobs(base: dict[str, TrainConfig], sources: dict[str, Path], steps: int, out_dir: Path) -> dict[Path, TrainConfig]:
+def spot_jobs(
+    base: dict[str, TrainConfig], sources: dict[str, Path], steps: int, out_dir: Path, val_examples: int | None = None,
+) -> dict[Path, TrainConfig]:
     """SPoT's runs: each target for `steps` steps from every other task's prompt, and from its own init.
 
     Args:
         base: each task's training config (the study's, for the representative seed).
         sources: each task's representative run folder (its prompt is the source).
+        val_examples: score each run on at most this many val examples (the seeded subsample); None: the task's own.
 
     Returns:
         {run folder `spot/<source>__<target>` (source `default`: the target's own init): config}.
     """
     jobs = {}
     for target in sources:
-        budget = dataclasses.replace(base[target], max_steps=steps, snapshot_every=None)
+        own = base[target].max_val_examples
+        val = own if val_examples is None else min(val_examples, own or val_examples)
+        budget = dataclasses.replace(base[target], max_steps=steps, snapshot_every=None, max_val_examples=val)
         jobs[out_dir / "spot" / f"default__{target}"] = budget
         for source in sources:
             if source != target:
