@@ -2,7 +2,7 @@
 in each dtype the fast path serves in.
 
     python bench/serve/bench_serve.py --out bench/results-serve.json        (or: make bench-serve)
-    python bench/serve/bench_serve.py --quick                              (a smoke run: seconds, not minutes)
+    python bench/serve/bench_serve.py --quick                              (a smoke run: about 30 s)
 
 One process loads SmolLM2 once per `--dtypes` entry as `softprompt serve --dtype D` does (`load_backbone(...,
 D).scoring()`: fp32 serves in fp32, bfloat16 in bf16, attention chosen by the fast path's `auto` for that dtype)
