@@ -3,6 +3,7 @@
 Layout of a study folder:
     study.json              the resolved study config
     runs/<task>-s<seed>/    one training run each (prompt.safetensors + run.json)
+    anchor/<task>-g<G>/     the anchor sweep's runs, one per (task, anchor weight G), when `anchor_weights` is set
     scores/<source>__<task>.json
                             cached per-example scores of one prompt (or none / the text prompt) on one
                             task's eval set, keyed by the prompt's checksum and the eval set's fingerprint
@@ -32,6 +33,7 @@ from softprompt.data.batch import Encoded
 from softprompt.eval.task_metrics import task_metrics
 from softprompt.io.runs import atomic_write_json, load_prompt, provenance, read_run
 from softprompt.study import ablation, spot
+from softprompt.study import anchor
 from softprompt.study.budget import check_budgets
 from softprompt.study.drift import drifts
 from softprompt.study.interpretation import interpret_runs
@@ -112,7 +114,8 @@ def train_stages(
     config: StudyConfig, out_dir: Path, backbone: Backbone | None, data_dir: str | Path | None, finished: FinishedRuns,
     progress: bool, echo: Callable[[str], None], executor: ExecutorConfig | None = None,
 ) -> dict:
-    """The training stages after the grid, with the grid's executor: SPoT (from each task's representative prompt) and the ablation."""
+    """The training stages after the grid, with the grid's executor: SPoT (from each task's representative prompt), the ablation
+    and the anchor sweep."""
     sources = {t: (out_dir / "runs" / r).resolve() for t, r in finished.representative.items() if r}
     base = {t: config.train_config(t, config.representative_seed) for t in config.tasks}
     wanted: dict[Path, TrainConfig] = {}
@@ -120,6 +123,9 @@ def train_stages(
         wanted |= spot.spot_jobs({t: base[t] for t in sources}, sources, config.spot_steps, out_dir.resolve())
     if config.ablation_lengths:
         wanted |= ablation.ablation_jobs(base, config.ablation_lengths, config.ablation_inits, out_dir.resolve())
+    if config.anchor_weights:  # the anchor trade-off: every anchor task at every G, at the sweep's budget
+        swept = {t: base[t] for t in config.anchor_tasks}
+        wanted |= anchor.anchor_jobs(swept, config.anchor_weights, config.anchor_epochs, config.anchor_max_train_examples, out_dir.resolve())
     todo = {run_dir: c for run_dir, c in wanted.items() if not reusable(c, run_dir)}
     data = None if data_dir is None else str(Path(data_dir).resolve())
     jobs = [RunJob(f"{d.parent.name}/{d.name}", c, str(d), data, f"{d.parent.name} {i}/{len(todo)}: {d.name}")
@@ -130,6 +136,8 @@ def train_stages(
         out["spot"] = spot.spot_results(list(sources), config.spot_steps, out_dir)
     if config.ablation_lengths:
         out["ablation"] = ablation.ablation_results(list(config.tasks), config.ablation_lengths, config.ablation_inits, out_dir)
+    if config.anchor_weights:
+        out["anchor"] = anchor.anchor_results(backbone, config.anchor_tasks, config.anchor_weights, out_dir)
     return out
 
 
