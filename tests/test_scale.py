@@ -57,7 +57,7 @@ def study(config: StudyConfig, out: Path, executor: ExecutorConfig, echo=lambda 
 def timeless(obj):
     """results.json without wall-clock times and how this call got its runs (reused, resumed): what another executor must reproduce exactly."""
     if isinstance(obj, dict):
-        return {k: timeless(v) for k, v in obj.items() if k not in ("wall_s", "analysis_wall_s", "stage_wall_s", "reused", "resumed_at_step")}
+        return {k: timeless(v) for k, v in obj.items() if k not in ("wall_s", "analysis_wall_s", "interpretation_wall_s", "stage_wall_s", "reused", "resumed_at_step")}
     if isinstance(obj, list):
         return [timeless(v) for v in obj]
     return obj

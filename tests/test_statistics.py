@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from softprompt.analysis.statistics import accuracy_interval, beats, mantel, mcnemar_exact, paired_comparison
+from softprompt.analysis.statistics import accuracy_interval, beats, mantel, mcnemar_exact, paired_comparison, wilson_interval
 
 # 4 tasks, asymmetric, all off-diagonal values distinct: only the identity relabelling reproduces it.
 X4 = np.array([[0, 3, 1, 7], [2, 0, 9, 4], [8, 5, 0, 6], [11, 10, 12, 0]], dtype=float)
@@ -63,6 +63,22 @@ def test_beats_needs_the_whole_interval_above():
 def test_empty_eval_set_is_an_error():
     with pytest.raises(ValueError, match="at least one example"):
         accuracy_interval(np.zeros(0))
+
+
+def test_wilson_interval_on_hand_worked_counts():
+    # 3 of 10, z = 1.96: centre (0.3 + z^2/20) / (1 + z^2/10) = 0.3555, half-width z sqrt(0.021 + z^2/400) / (1 + z^2/10) = 0.2477
+    interval = wilson_interval(3, 10)
+    assert (interval.estimate, interval.n) == (30.0, 10)
+    assert interval.low == pytest.approx(10.779, abs=1e-3) and interval.high == pytest.approx(60.322, abs=1e-3)
+    # at the edges the interval stays inside [0, 100] and keeps width: all 4 rows on their anchor is not certainty
+    assert wilson_interval(4, 4).high == 100.0 and wilson_interval(4, 4).low == pytest.approx(100 * 4 / (4 + 1.96**2), abs=1e-2)
+    assert wilson_interval(0, 4).low == 0.0
+
+
+@pytest.mark.parametrize(("successes", "n"), [(5, 4), (-1, 4), (0, 0)], ids=["above-n", "negative", "no-trials"])
+def test_wilson_interval_refuses_impossible_counts(successes, n):
+    with pytest.raises(ValueError, match=f"0 <= successes <= n and n >= 1, got {successes} of {n}"):
+        wilson_interval(successes, n)
 
 
 def test_mantel_perfect_correlation_has_the_smallest_p():

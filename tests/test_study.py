@@ -31,7 +31,8 @@ TABLES = ("accuracy", "ensemble", "stochasticity", "zero_shot", "runs", "similar
           # issue 14: intervals, measures and their ranking, SPoT, drift, Lester's ablation
           "paired_tests", "budget", "val_examples",  # issue 20: does it learn?
           "accuracy_intervals", "similarity_measures", "similarity_average_token_cosine", "similarity_per_token_cosine",
-          "similarity_neuron_overlap", "spot_gain", "spot_accuracy", "spot_default", "drift", "ablation")
+          "similarity_neuron_overlap", "spot_gain", "spot_accuracy", "spot_default", "drift", "ablation",
+          "anchor")  # issue 21: the anchor trade-off
 
 
 
@@ -39,7 +40,8 @@ TABLES = ("accuracy", "ensemble", "stochasticity", "zero_shot", "runs", "similar
 def tiny_study(model: Path, **overrides) -> StudyConfig:
     data = dict(tasks=["cb", "rte"], seeds=[0, 1], model=str(model), num_tokens=4, lr=0.05, epochs=1, max_steps=2,
                 batch_size=4, min_dev_examples=4, eval_batch_size=8, top_k=2, device="cpu", max_val_examples=5,
-                snapshot_every=1, spot_steps=2, probe_examples=2, ablation_lengths=[1, 4], ablation_inits=["text", "random"])
+                snapshot_every=1, spot_steps=2, probe_examples=2, ablation_lengths=[1, 4], ablation_inits=["text", "random"],
+                anchor_weights=[0.0, 1.0], anchor_tasks=["cb"])
     return StudyConfig.from_dict(data | overrides)
 
 
@@ -268,6 +270,7 @@ def test_study_command_continues_a_study(study_dir, tiny_model_dir, tmp_path):
         f'tasks = ["cb", "rte"]\nseeds = [0, 1]\nmodel = "{tiny_model_dir}"\nnum_tokens = 4\nlr = 0.05\nepochs = 1\nmax_steps = 2\n'
         'batch_size = 4\nmin_dev_examples = 4\neval_batch_size = 8\ntop_k = 2\ndevice = "cpu"\nmax_val_examples = 5\n'
         'snapshot_every = 1\nspot_steps = 2\nprobe_examples = 2\nablation_lengths = [1, 4]\nablation_inits = ["text", "random"]\n'
+        'anchor_weights = [0.0, 1.0]\nanchor_tasks = ["cb"]\n'
     )
     result = CliRunner().invoke(app, ["study", str(config), "--out", str(study_dir), "--data-dir", str(FIXTURE_DATA), "--quiet"])
     assert result.exit_code == 0, result.output
@@ -380,7 +383,7 @@ def test_results_record_each_runs_budget_and_learning_curve(study_dir):
         assert (run["data"]["train"], run["max_epochs"], run["steps"], run["dtype"]) == (record["data"]["train"], 1, 2, record["dtype"])
     # the fixture: CB 24 train (dev slice 4) and 6 val, RTE 24 and 8 val; the study scores 5 of each
     assert results["protocol"]["whole_splits"] == {"cb": {"train": 20, "dev": 4, "val": 6}, "rte": {"train": 20, "dev": 4, "val": 8}}
-    assert set(results["stage_wall_s"]) == {"grid training", "SPoT and ablation training (backbone load included)", "scoring and analysis"}
+    assert set(results["stage_wall_s"]) == {"grid training", "SPoT, ablation and anchor-sweep training (backbone load included)", "scoring and analysis"}
     for task in ("cb", "rte"):
         iv = results["evaluation"][task]["intervals"]
         assert set(iv["paired"]) == {f"{task}-s0", f"{task}-s1", "ensemble"} and all(p["n"] == 5 for p in iv["paired"].values())

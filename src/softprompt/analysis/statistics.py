@@ -1,4 +1,4 @@
-"""Honest statistics: bootstrap intervals for accuracies, paired tests (McNemar, paired bootstrap), and a Mantel test for matrix-vs-matrix correlation.
+"""Honest statistics: bootstrap and Wilson intervals for accuracies, paired tests (McNemar, paired bootstrap), and a Mantel test for matrix-vs-matrix correlation.
 
 Conventions: accuracies are in percent; an "interval" is a 95% percentile bootstrap over val
 examples (scipy's `stats.bootstrap`), seeded so a report is reproducible. Matrices are `[T, T]`
@@ -57,6 +57,19 @@ def accuracy_interval(correct: np.ndarray, seed: int = 0, confidence: float = CO
                              method="percentile", vectorized=True, rng=np.random.default_rng(seed))
     ci = result.confidence_interval
     return Interval(estimate, 100.0 * float(ci.low), 100.0 * float(ci.high), per_example.size, confidence)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> Interval:
+    """A share `successes / n` and its Wilson score interval, in percent: for a count with no per-example data
+    (a run.json's val accuracy and n, a prompt's rows on their anchor token out of P).
+
+    Raises:
+        ValueError: n < 1, or `successes` outside 0..n.
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    ci = stats.binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return Interval(100.0 * successes / n, 100.0 * float(ci.low), 100.0 * float(ci.high), n, confidence)
 
 
 def beats(interval: Interval, baseline: float) -> bool:

@@ -24,11 +24,12 @@ import numpy as np  # noqa: E402
 from softprompt.io.runs import atomic_write_bytes  # noqa: E402
 
 REPORT_FILE = "report.html"
-FIGURES = ("learn", "curves", "tsne", "pca", "similarity", "transfer", "spot", "ablation")
+FIGURES = ("learn", "curves", "tsne", "pca", "similarity", "transfer", "spot", "ablation", "anchor")
 
 from softprompt.report.paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TRANSFER_GAIN  # noqa: E402 - the paper's numbers, one place
 from softprompt.report.tables import Table, fmt, to_csv  # noqa: E402
 from softprompt.report import learning  # noqa: E402 - "Does it learn?": the report's first section
+from softprompt.report import anchor  # noqa: E402 - the anchor trade-off's section
 
 
 # --- tables --------------------------------------------------------------------------------------
@@ -243,6 +244,8 @@ def all_tables(results: dict) -> list[Table]:
     for name, matrix in sim.get("measures", {}).items():
         if name not in ("frobenius", "cosine"):
             tables.append(matrix_table(f"similarity_{name}", MEASURE_TITLES[name], sim["tasks"], matrix))
+    if results.get("anchor"):
+        tables.append(anchor.anchor_table(results["anchor"]))
     spot = results.get("spot")
     if spot:
         note = f"Target val accuracy after {spot['steps']} steps from the row task's prompt, minus the same budget from the target's own init."
@@ -363,6 +366,8 @@ def figures(results: dict) -> dict[str, bytes]:
         out["spot"] = spot_figure(results["transfer"], results["spot"])
     if (results.get("ablation") or {}).get("accuracy"):
         out["ablation"] = ablation_figure(results["ablation"], results["evaluation"])
+    if results.get("anchor"):
+        out["anchor"] = _png(anchor.anchor_figure(results["anchor"]))
     return out
 
 
@@ -518,6 +523,8 @@ CAPTIONS = {
     "spot": "Figure: zero-shot transfer gain (left) beside the SPoT gain (right): a target trained briefly from the source's prompt, "
     "minus the same budget from its own init.",
     "ablation": "Figure: Lester et al.'s Figure 3 on this backbone: val accuracy against prompt length (log scale), one line per init.",
+    "anchor": "Figure: val accuracy against faithfulness (rows whose nearest token is their anchor token), one line per task through "
+    "its anchor weights G, with 95% Wilson intervals both ways.",
 }
 
 
@@ -595,6 +602,7 @@ plus Lester et al.'s prompt ensembling. Every number below is in results.json an
 <h2>Drift over training</h2>{section('drift') if results.get('drift') else '<p class="note">No run saved snapshots (set the training key snapshot_every).</p>'}
 <h2>Lester's ablation: prompt length and init</h2>{fig('ablation')}
 {section('ablation')}
+{anchor.section_html(results.get('anchor'), fig('anchor'), section('anchor'))}
 <h2>Runs</h2>{section('runs')}
 </body></html>
 """

@@ -15,7 +15,7 @@ from softprompt.data.splits import make_splits
 
 
 def check_budgets(config: StudyConfig, data_dir: str | Path | None) -> dict[str, dict[str, int]]:
-    """Check every task's `max_train_examples` and val subsample against its splits; return the splits' sizes.
+    """Check every task's `max_train_examples` (and `anchor_max_train_examples`) and val subsample against its splits; return the splits' sizes.
 
     Returns:
         {task: {"train": examples after the dev slice, "dev": dev slice, "val": whole val split}}.
@@ -32,6 +32,8 @@ def check_budgets(config: StudyConfig, data_dir: str | Path | None) -> dict[str,
         _check_fit(wanted.max_train_examples, len(whole.train), _key(config, task, "max_train_examples"), task,
                    "train split after the dev slice")
         _check_fit(wanted.max_val_examples, len(whole.val), _key(config, task, "max_val_examples"), task, "val split")
+        if task in config.anchor_tasks:  # the anchor sweep's own train subsample
+            _check_fit(config.anchor_max_train_examples, len(whole.train), "`anchor_max_train_examples`", task, "train split after the dev slice")
     return sizes
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -69,6 +70,15 @@ class StudyConfig:
     interpret_examples: int | None = field(
         default=None, metadata=flag_help("Interpretation stage: score on a seeded subsample of N of each task's eval set (it costs 1 + 2P scorings a prompt; default: all).")
     )
+    # the anchor trade-off (issue 21): accuracy against faithfulness as the anchor weight G grows
+    anchor_weights: tuple[float, ...] = field(
+        default=(), metadata=flag_help("Anchor sweep: weights G to train each of `anchor_tasks` at, G = 0 included if wanted (empty: off).")
+    )
+    anchor_tasks: tuple[str, ...] = field(default=(), metadata=flag_help("Anchor sweep: tasks to sweep (default: every task)."))
+    anchor_epochs: int | None = field(default=None, metadata=flag_help("Anchor sweep: epochs per run (default: the task's own)."))
+    anchor_max_train_examples: int | None = field(
+        default=None, metadata=flag_help("Anchor sweep: train subsample per run (default: the task's own).")
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -86,6 +96,7 @@ class StudyConfig:
         if self.top_k < 1:
             raise ValueError(f"study key `top_k` must be at least 1, got {self.top_k}")
         self._check_stage_keys()
+        self._check_anchor_keys()
         unknown = sorted(set(self.train) - set(TRAIN_KEYS))
         if unknown:
             raise ValueError(f"unknown training key(s) {unknown}; valid keys: {', '.join(TRAIN_KEYS)}")
@@ -129,6 +140,29 @@ class StudyConfig:
         if bad:
             raise ValueError(f"study key `ablation_inits` has {bad}; choose from {', '.join(valid)}")
 
+    def _check_anchor_keys(self) -> None:
+        object.__setattr__(self, "anchor_weights", tuple(float(g) for g in self.anchor_weights))
+        object.__setattr__(self, "anchor_tasks", tuple(self.anchor_tasks))
+        if not self.anchor_weights:
+            given = [k for k in ("anchor_tasks", "anchor_epochs", "anchor_max_train_examples") if getattr(self, k)]
+            if given:
+                raise ValueError(f"study key(s) {', '.join(f'`{k}`' for k in given)} need `anchor_weights`; list the weights G to sweep")
+            return
+        bad = [g for g in self.anchor_weights if not (math.isfinite(g) and g >= 0)]
+        if bad:
+            raise ValueError(f"study key `anchor_weights` must list finite numbers >= 0, got {bad}")
+        if len(set(self.anchor_weights)) != len(self.anchor_weights):
+            raise ValueError(f"study key `anchor_weights` lists a weight twice: {list(self.anchor_weights)}")
+        outside = [t for t in self.anchor_tasks if t not in self.tasks]
+        if outside:
+            raise ValueError(f"study key `anchor_tasks` has {outside}, not in `tasks` {list(self.tasks)}; sweep tasks the study trains")
+        if len(set(self.anchor_tasks)) != len(self.anchor_tasks):
+            raise ValueError(f"study key `anchor_tasks` lists a task twice: {list(self.anchor_tasks)}")
+        object.__setattr__(self, "anchor_tasks", self.anchor_tasks or self.tasks)
+        for key in ("anchor_epochs", "anchor_max_train_examples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"study key `{key}` must be at least 1 (or left out for the task's own), got {getattr(self, key)}")
+
     @property
     def model(self) -> str:
         return self.train.get("model", DEFAULT_MODEL)
@@ -147,6 +181,7 @@ class StudyConfig:
         study.update(tasks=list(self.tasks), seeds=list(self.seeds), ablation_lengths=list(self.ablation_lengths),
                      ablation_inits=list(self.ablation_inits), interpret_tasks=list(self.interpret_tasks),
                      interpret_seeds=list(self.interpret_seeds))
+        study.update(anchor_weights=list(self.anchor_weights), anchor_tasks=list(self.anchor_tasks))
         study["per_task"] = {
             task: {k: v for k, v in self.train_config(task, self.seeds[0]).to_json().items() if k in overrides}
             for task, overrides in self.per_task.items()
@@ -215,7 +250,8 @@ def _check_type(key: str, value: Any, hint: Any, source: str) -> None:
         base = typing.get_origin(kind) or kind
         if base is tuple and isinstance(value, list):
             inner = typing.get_args(kind)[0]
-            if all(isinstance(v, inner) and not (inner is int and isinstance(v, bool)) for v in value):
+            fits = (int, float) if inner is float else inner  # [0, 0.1] is a list of floats, as `lr = 1` is a float
+            if all(isinstance(v, fits) and not (inner in (int, float) and isinstance(v, bool)) for v in value):
                 return
         elif base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return

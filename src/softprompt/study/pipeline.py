@@ -3,6 +3,7 @@
 Layout of a study folder:
     study.json              the resolved study config
     runs/<task>-s<seed>/    one training run each (prompt.safetensors + run.json)
+    anchor/<task>-g<G>/     the anchor sweep's runs, one per (task, anchor weight G), when `anchor_weights` is set
     scores/<source>__<task>.json
                             cached per-example scores of one prompt (or none / the text prompt) on one
                             task's eval set, keyed by the prompt's checksum and the eval set's fingerprint
@@ -33,6 +34,7 @@ from softprompt.data.batch import Encoded
 from softprompt.eval.task_metrics import task_metrics
 from softprompt.io.runs import atomic_write_json, load_prompt, provenance, read_run
 from softprompt.study import ablation, spot
+from softprompt.study import anchor
 from softprompt.study.budget import check_budgets
 from softprompt.study.drift import drifts
 from softprompt.study.interpretation import interpret_runs
@@ -97,9 +99,12 @@ def run_study(
     results["analysis_wall_s"] = round(time.time() - analysis_started, 1)  # scoring, interpretation, statistics
     results["wall_s"] = round(time.time() - started, 1)  # this call, training included (resumed runs count 0)
     results["stage_wall_s"] = {  # this call's time per stage; reused runs and cached scores cost ~0 here
-        "grid training": round(grid_done - started, 1), "SPoT and ablation training (backbone load included)": round(analysis_started - grid_done, 1),
-        "scoring and analysis": results["analysis_wall_s"],
+        "grid training": round(grid_done - started, 1),
+        "SPoT, ablation and anchor-sweep training (backbone load included)": round(analysis_started - grid_done, 1),
+        "scoring and analysis": round(results["analysis_wall_s"] - results.get("interpretation_wall_s", 0.0), 1),
     }
+    if "interpretation_wall_s" in results:
+        results["stage_wall_s"]["interpretation"] = results["interpretation_wall_s"]
     results["protocol"]["whole_splits"] = split_sizes  # {task: train after the dev slice, dev, val}
     for name in reused:
         results["runs"][name]["reused"] = True
@@ -113,7 +118,8 @@ def train_stages(
     config: StudyConfig, out_dir: Path, backbone: Backbone | None, data_dir: str | Path | None, finished: FinishedRuns,
     progress: bool, echo: Callable[[str], None], executor: ExecutorConfig | None = None,
 ) -> dict:
-    """The training stages after the grid, with the grid's executor: SPoT (from each task's representative prompt) and the ablation."""
+    """The training stages after the grid, with the grid's executor: SPoT (from each task's representative prompt), the ablation
+    and the anchor sweep."""
     sources = {t: (out_dir / "runs" / r).resolve() for t, r in finished.representative.items() if r}
     base = {t: config.train_config(t, config.representative_seed) for t in config.tasks}
     wanted: dict[Path, TrainConfig] = {}
@@ -121,6 +127,9 @@ def train_stages(
         wanted |= spot.spot_jobs({t: base[t] for t in sources}, sources, config.spot_steps, out_dir.resolve(), config.spot_val_examples)
     if config.ablation_lengths:
         wanted |= ablation.ablation_jobs(base, config.ablation_lengths, config.ablation_inits, out_dir.resolve())
+    if config.anchor_weights:  # the anchor trade-off: every anchor task at every G, at the sweep's budget
+        swept = {t: base[t] for t in config.anchor_tasks}
+        wanted |= anchor.anchor_jobs(swept, config.anchor_weights, config.anchor_epochs, config.anchor_max_train_examples, out_dir.resolve())
     todo = {run_dir: c for run_dir, c in wanted.items() if not reusable(c, run_dir)}
     data = None if data_dir is None else str(Path(data_dir).resolve())
     jobs = [RunJob(f"{d.parent.name}/{d.name}", c, str(d), data, f"{d.parent.name} {i}/{len(todo)}: {d.name}")
@@ -131,6 +140,8 @@ def train_stages(
         out["spot"] = spot.spot_results(list(sources), config.spot_steps, out_dir)
     if config.ablation_lengths:
         out["ablation"] = ablation.ablation_results(list(config.tasks), config.ablation_lengths, config.ablation_inits, out_dir)
+    if config.anchor_weights:
+        out["anchor"] = anchor.anchor_results(backbone, config.anchor_tasks, config.anchor_weights, out_dir)
     return out
 
 
@@ -177,12 +188,14 @@ def analyse(
         results["predictors"] = predictors(results["similarity"]["measures"], results["transfer"], results.get("spot", {}))
     results["drift"] = drifts(backbone, done)
     if config.interpret:
+        interpretation_started = time.time()
         chosen = {name: record for name, record in records.items()
                   if record["task"] in (config.interpret_tasks or config.tasks)
                   and record.get("config", {}).get("seed") in (config.interpret_seeds or config.seeds)}
         subset = {task: interpretation_items(task_items, config.interpret_examples) for task, task_items in items.items()}
         results["interpretation"] = interpret_runs(backbone, out_dir, chosen, prompts, subset, batch_size)
         results["interpretation"]["examples"] = {task: len(subset[task]) for task in {r["task"] for r in chosen.values()}}
+        results["interpretation_wall_s"] = round(time.time() - interpretation_started, 1)
     return results
 
 
