@@ -1,0 +1,139 @@
+"""Does `torch.compile` of the decoder layers pay for itself? Compile time against the per-step gain, on one CPU.
+
+    python bench/bench_compile.py --out bench/compile.json
+
+For the two settings `--dtype auto` can pick on a CPU (fp32 with sdpa attention; bf16 with eager), the
+same length-bucketed CB training batches as bench_fastpath.py (prompt 20 rows, batch 8: loss_step +
+backward) run with the model as it is, then with every decoder layer compiled in place
+(`layer.compile(dynamic=True)`, inductor). The first compiled pass pays the compilation of every batch
+shape it meets; later passes are steady state. Scoring (CB val under the text prompt, fp32 sdpa, the
+numbers `--dtype auto` reports) is timed the same way. Reported per setting: tokens/s (or examples/s)
+median over passes, the compiled side's first-pass seconds, the compile overhead (first pass minus a
+steady one), the steps a run needs before the gain repays it, and how far the compiled losses or
+log-likelihoods are from the uncompiled ones. The JSON names the CPU and the thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from softprompt.backbones.fastpath import cpu_hardware
+from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone, on_fast_path
+from softprompt.core.prompt import embed_text, from_embedded_text
+from softprompt.data.batch import bucketed_batches, encode, train_batch
+from softprompt.eval.scoring import score
+from softprompt.tasks.registry import get_task, load_examples
+from softprompt.train.loop import loss_step
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"
+SETTINGS = [("float32", "sdpa"), ("bfloat16", "eager")]
+
+
+def copy_on(fp32: Backbone, dtype: str, attention: str, compiled: bool) -> Backbone:
+    """Its own copy of the weights in `dtype` with `attention`, the decoder layers compiled when asked."""
+    backbone = on_fast_path(replace(fp32, model=copy.deepcopy(fp32.model), reference=None), getattr(torch, dtype), attention,
+                            score_in_float32=False)
+    if compiled:
+        for layer in backbone.model.model.layers:
+            layer.compile(dynamic=True)
+    return backbone
+
+
+def timed_passes(run, passes: int) -> tuple[list[float], list]:
+    """Seconds of each pass of `run()` and what each pass returned."""
+    seconds, outputs = [], []
+    for _ in range(passes):
+        start = time.perf_counter()
+        outputs.append(run())
+        seconds.append(time.perf_counter() - start)
+    return seconds, outputs
+
+
+def bench_training(fp32: Backbone, args) -> dict:
+    tokenizer, p = fp32.tokenizer, args.num_tokens
+    examples = load_examples(get_task("cb"), "train", args.data_dir)
+    items = [encode(tokenizer, e, 256) for e in random.Random(0).sample(examples, args.train_examples)]
+    init = from_embedded_text(embed_text(fp32.model, tokenizer, get_task("cb").init_text), p)
+    order = bucketed_batches(items, 8, torch.Generator().manual_seed(0))
+    batches = [train_batch([items[i] for i in idx], tokenizer.pad_token_id) for idx in order]
+    tokens = sum(b.num_tokens + p * b.input_ids.shape[0] for b in batches)
+    out = {"examples": len(items), "steps_per_pass": len(batches), "tokens_per_pass": tokens, "settings": {}}
+    for dtype, attention in SETTINGS:
+        sides = {}
+        for compiled in (False, True):
+            backbone = copy_on(fp32, dtype, attention, compiled)
+
+            def one_pass(bb=backbone):
+                prompt, losses = torch.nn.Parameter(init.clone()), []
+                for batch in batches:
+                    loss = loss_step(bb, prompt, batch)
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                return losses
+
+            seconds, losses = timed_passes(one_pass, args.passes + 1)
+            sides[compiled] = (seconds, losses[0])
+            print(f"training {dtype} {attention} compiled={compiled}: passes {[round(s, 1) for s in seconds]} s", flush=True)
+        out["settings"][f"{dtype} {attention}"] = summary(sides, tokens, len(batches), "tokens_per_s")
+    return out
+
+
+def bench_scoring(fp32: Backbone, args) -> dict:
+    task = get_task("cb")
+    items = [encode(fp32.tokenizer, e, 1024) for e in load_examples(task, "val", args.data_dir)]
+    prompt = from_embedded_text(embed_text(fp32.model, fp32.tokenizer, task.init_text), args.num_tokens)
+    sides = {}
+    for compiled in (False, True):
+        backbone = copy_on(fp32, "float32", "sdpa", compiled)
+        seconds, scores = timed_passes(lambda bb=backbone: score(bb, prompt, items, 32).logprobs, args.passes + 1)
+        sides[compiled] = (seconds, scores[0].flatten()[torch.isfinite(scores[0].flatten())].tolist())
+        print(f"scoring float32 sdpa compiled={compiled}: passes {[round(s, 1) for s in seconds]} s", flush=True)
+    return {"examples": len(items), "settings": {"float32 sdpa": summary(sides, len(items), 1, "examples_per_s")}}
+
+
+def summary(sides: dict[bool, tuple[list[float], list[float]]], units: int, steps: int, rate: str) -> dict:
+    """Eager against compiled: steady rates (the first pass left out on both sides), overhead and break-even."""
+    (plain, plain_values), (fused, fused_values) = sides[False], sides[True]
+    plain_s, fused_s = statistics.median(plain[1:]), statistics.median(fused[1:])
+    overhead = fused[0] - fused_s
+    saving_per_step = (plain_s - fused_s) / steps
+    return {
+        f"{rate}_median": units / plain_s, f"compiled_{rate}_median": units / fused_s, "speedup": plain_s / fused_s,
+        "seconds_per_pass": plain, "compiled_seconds_per_pass": fused, "compile_overhead_s": overhead,
+        "steps_to_repay": overhead / saving_per_step if saving_per_step > 0 else None,
+        "largest_difference": max(abs(a - b) for a, b in zip(plain_values, fused_values)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--num-tokens", type=int, default=20)
+    parser.add_argument("--train-examples", type=int, default=24)
+    parser.add_argument("--passes", type=int, default=3, help="steady passes after the first (which compiles)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench/compile.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    fp32 = load_backbone(args.model, "cpu", "float32", "sdpa")
+    result = {"cpu": cpu_hardware().to_json(), "threads": args.threads, "torch": torch.__version__, "model": args.model,
+              "date": time.strftime("%Y-%m-%d"), "training": bench_training(fp32, args), "scoring": bench_scoring(fp32, args)}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for part in ("training", "scoring"):
+        for name, s in result[part]["settings"].items():
+            print(f"{part} {name}: speedup {s['speedup']:.2f}x, compile overhead {s['compile_overhead_s']:.0f} s, "
+                  f"repaid after {s['steps_to_repay'] and round(s['steps_to_repay'])} steps, largest difference {s['largest_difference']:.3g}")
+
+
+if __name__ == "__main__":
+    main()
