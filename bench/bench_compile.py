@@ -18,18 +18,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from bench_fastpath import training_batches  # the same batches as bench_fastpath's training side (bench/ is on sys.path)
 
 from softprompt.backbones.fastpath import cpu_hardware
 from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone, on_fast_path
 from softprompt.core.prompt import embed_text, from_embedded_text
-from softprompt.data.batch import bucketed_batches, encode, train_batch
+from softprompt.data.batch import encode
 from softprompt.eval.scoring import score
 from softprompt.tasks.registry import get_task, load_examples
 from softprompt.train.loop import loss_step
@@ -59,13 +59,7 @@ def timed_passes(run, passes: int) -> tuple[list[float], list]:
 
 
 def bench_training(fp32: Backbone, args) -> dict:
-    tokenizer, p = fp32.tokenizer, args.num_tokens
-    examples = load_examples(get_task("cb"), "train", args.data_dir)
-    items = [encode(tokenizer, e, 256) for e in random.Random(0).sample(examples, args.train_examples)]
-    init = from_embedded_text(embed_text(fp32.model, tokenizer, get_task("cb").init_text), p)
-    order = bucketed_batches(items, 8, torch.Generator().manual_seed(0))
-    batches = [train_batch([items[i] for i in idx], tokenizer.pad_token_id) for idx in order]
-    tokens = sum(b.num_tokens + p * b.input_ids.shape[0] for b in batches)
+    items, init, batches, tokens = training_batches(fp32, args.data_dir, args.num_tokens, args.train_examples)
     out = {"examples": len(items), "steps_per_pass": len(batches), "tokens_per_pass": tokens, "settings": {}}
     for dtype, attention in SETTINGS:
         sides = {}

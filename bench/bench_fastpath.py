@@ -71,14 +71,20 @@ def peft_side(backbone: Backbone, num_tokens: int, init: torch.Tensor):
     return prompt, step
 
 
-def bench_training(fp32: Backbone, args) -> dict:
-    tokenizer, p = fp32.tokenizer, args.num_tokens
-    examples = load_examples(get_task("cb"), "train", args.data_dir)
-    items = [encode(tokenizer, e, 256) for e in random.Random(0).sample(examples, args.train_examples)]
-    init = from_embedded_text(embed_text(fp32.model, tokenizer, get_task("cb").init_text), p)
+def training_batches(fp32: Backbone, data_dir: Path, num_tokens: int, train_examples: int) -> tuple[list, torch.Tensor, list, int]:
+    """A seeded sample of CB train, its length-bucketed batches of 8, the text-init prompt and the tokens a pass costs."""
+    tokenizer = fp32.tokenizer
+    examples = load_examples(get_task("cb"), "train", data_dir)
+    items = [encode(tokenizer, e, 256) for e in random.Random(0).sample(examples, train_examples)]
+    init = from_embedded_text(embed_text(fp32.model, tokenizer, get_task("cb").init_text), num_tokens)
     order = bucketed_batches(items, 8, torch.Generator().manual_seed(0))
     batches = [train_batch([items[i] for i in idx], tokenizer.pad_token_id) for idx in order]
-    tokens = sum(b.num_tokens + p * b.input_ids.shape[0] for b in batches)
+    return items, init, batches, sum(b.num_tokens + num_tokens * b.input_ids.shape[0] for b in batches)
+
+
+def bench_training(fp32: Backbone, args) -> dict:
+    p = args.num_tokens
+    items, init, batches, tokens = training_batches(fp32, args.data_dir, p, args.train_examples)
     sides = {}
     for dtype, attention in VARIANTS:
         backbone = variant(fp32, dtype, attention)

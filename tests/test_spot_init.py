@@ -74,3 +74,18 @@ def test_snapshots_every_n_epochs(tiny_backbone, data_dir, tmp_path):
     assert names == ["epoch-0000.safetensors", "epoch-0002.safetensors", "epoch-0004.safetensors"]
     steps = [load_prompt(tmp_path / "snapshots" / n)[1]["step"] for n in names]
     assert steps == ["0", "6", "12"]  # 3 steps per epoch
+
+
+def test_a_study_refuses_to_reuse_a_run_whose_source_prompt_was_retrained(tiny_backbone, data_dir, source_run, tmp_path):
+    """SPoT's runs start from another run's prompt: retraining that source makes them stale, and the study says so."""
+    from softprompt.io.runs import save_prompt, tensor_sha256
+    from softprompt.study.grid import reusable
+
+    config = TrainConfig(**{"task": "cb", **TINY, "init": "prompt", "init_from": str(source_run), "max_steps": 1})
+    record = train(config, tmp_path / "target", backbone=tiny_backbone, data_dir=data_dir, progress=False)
+    source, header = load_prompt(source_run)
+    assert record["init_from_sha256"] == tensor_sha256(source)
+    assert reusable(config, tmp_path / "target")
+    save_prompt(source_run / "prompt.safetensors", source + 1.0, {k: v for k, v in header.items() if k not in ("sha256",)})
+    with pytest.raises(ValueError, match="trained from another version of its source prompt .*delete that run folder to retrain it"):
+        reusable(config, tmp_path / "target")

@@ -190,3 +190,8 @@ def check_tokenizer(loaded: LoadedPrompt, identity: dict[str, str], model: str) 
             f"{loaded.path}: the prompt was trained under another tokenizer (sha256 {recorded_sha[:12]}..., {trained_on}) "
             f"than {model}'s ({tokenizer_sha256[:12]}..., same size {vocab_size}); use it with the model it was trained on (--model {trained_on})"
         )
+
+
+def source_sha256(path: str | Path) -> str:
+    """The checksum of the prompt a source holds (what `--init-from` names): a run remembers which version it started from."""
+    return tensor_sha256(load_prompt_source(path).prompt)

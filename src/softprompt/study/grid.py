@@ -8,6 +8,7 @@ from pathlib import Path
 
 from softprompt.backbones.loading import Backbone
 from softprompt.io.runs import RUN_FILE, config_differences, is_done, read_run
+from softprompt.io.sources import source_sha256
 from softprompt.study.config import StudyConfig
 from softprompt.study.executors import ExecutorConfig, RunJob, run_jobs
 from softprompt.tasks.registry import is_task_file
@@ -71,6 +72,12 @@ def reusable(config: TrainConfig, run_dir: Path) -> bool:
         detail = ", ".join(f"{k}: run {saved!r} vs study {wanted!r}" for k, (saved, wanted) in differ.items())
         raise ValueError(
             f"{run_dir} was trained with a different config ({detail}); use another --out, or delete that run folder to retrain it"
+        )
+    saved = read_run(run_dir).get("init_from_sha256")
+    if config.init_from and saved is not None and saved != source_sha256(config.init_from):
+        raise ValueError(
+            f"{run_dir} was trained from another version of its source prompt {config.init_from} (retrained since: "
+            f"checksum {saved[:12]}... then, {source_sha256(config.init_from)[:12]}... now); delete that run folder to retrain it"
         )
     return True
 

@@ -48,7 +48,7 @@ from softprompt.io.runs import (
     provenance,
     read_run,
 )
-from softprompt.io.sources import load_prompt_source
+from softprompt.io.sources import load_prompt_source, source_sha256
 from softprompt.tasks.registry import Example, Task
 from softprompt.train import distributed
 from softprompt.train.anchor import anchor_embeddings, anchor_ids, anchor_penalty, faithfulness
@@ -187,6 +187,8 @@ def start_record(
         "backbone": backbone.source,  # GGUF sha256 and quantisation, hub id (empty for a plain folder)
         "resumed_at_step": [*read_run(resumed).get("resumed_at_step", []), state.step] if resumed else [],
         "history": state.history,  # the same list `end_epoch` appends to
+        # --init-from: which version of the source prompt this run started from (a study re-trains a run whose source changed)
+        **({"init_from_sha256": source_sha256(config.init_from)} if config.init_from else {}),
     }
 
 
