@@ -15,26 +15,24 @@ log-likelihoods are from the uncompiled ones. The JSON names the CPU and the thr
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-from bench_fastpath import training_batches  # the same batches as bench_fastpath's training side (bench/ is on sys.path)
+import torch._dynamo.utils
+from bench_fastpath import common_arguments, training_batches  # the same batches as bench_fastpath's training side (bench/ is on sys.path)
 
 from softprompt.backbones.fastpath import cpu_hardware
-from softprompt.backbones.loading import DEFAULT_MODEL, Backbone, load_backbone, on_fast_path
+from softprompt.backbones.loading import Backbone, load_backbone, on_fast_path
 from softprompt.core.prompt import embed_text, from_embedded_text
 from softprompt.data.batch import encode
 from softprompt.eval.scoring import score
 from softprompt.tasks.registry import get_task, load_examples
 from softprompt.train.loop import loss_step
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"
 SETTINGS = [("float32", "sdpa"), ("bfloat16", "eager")]
 
 
@@ -43,6 +41,7 @@ def copy_on(fp32: Backbone, dtype: str, attention: str, compiled: bool) -> Backb
     backbone = on_fast_path(replace(fp32, model=copy.deepcopy(fp32.model), reference=None), getattr(torch, dtype), attention,
                             score_in_float32=False)
     if compiled:
+        torch._dynamo.reset()  # each side compiles afresh: the layers' code objects are shared between copies
         for layer in backbone.model.model.layers:
             layer.compile(dynamic=True)
     return backbone
@@ -62,7 +61,7 @@ def bench_training(fp32: Backbone, args) -> dict:
     items, init, batches, tokens = training_batches(fp32, args.data_dir, args.num_tokens, args.train_examples)
     out = {"examples": len(items), "steps_per_pass": len(batches), "tokens_per_pass": tokens, "settings": {}}
     for dtype, attention in SETTINGS:
-        sides = {}
+        sides, graphs = {}, {}
         for compiled in (False, True):
             backbone = copy_on(fp32, dtype, attention, compiled)
 
@@ -76,8 +75,9 @@ def bench_training(fp32: Backbone, args) -> dict:
 
             seconds, losses = timed_passes(one_pass, args.passes + 1)
             sides[compiled] = (seconds, losses[0])
+            graphs[compiled] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
             print(f"training {dtype} {attention} compiled={compiled}: passes {[round(s, 1) for s in seconds]} s", flush=True)
-        out["settings"][f"{dtype} {attention}"] = summary(sides, tokens, len(batches), "tokens_per_s")
+        out["settings"][f"{dtype} {attention}"] = summary(sides, tokens, len(batches), "tokens_per_s") | {"graphs_compiled": graphs[True]}
     return out
 
 
@@ -109,16 +109,13 @@ def summary(sides: dict[bool, tuple[list[float], list[float]]], units: int, step
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--num-tokens", type=int, default=20)
-    parser.add_argument("--train-examples", type=int, default=24)
+    parser = common_arguments(__doc__, "bench/compile.json")
     parser.add_argument("--passes", type=int, default=3, help="steady passes after the first (which compiles)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("bench/compile.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # every batch shape may recompile; past the limit dynamo would fall back to eager silently and time nothing compiled
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     fp32 = load_backbone(args.model, "cpu", "float32", "sdpa")
     result = {"cpu": cpu_hardware().to_json(), "threads": args.threads, "torch": torch.__version__, "model": args.model,
               "date": time.strftime("%Y-%m-%d"), "training": bench_training(fp32, args), "scoring": bench_scoring(fp32, args)}

@@ -136,17 +136,23 @@ def bench_scoring(fp32: Backbone, args) -> dict:
                                                      "predictions_equal_fp32": same[name]} for name, r in rates.items()}}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_arguments(description: str, out: str) -> argparse.ArgumentParser:
+    """The flags every fast-path bench takes: model, data, prompt length, training sample, threads, output."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--num-tokens", type=int, default=20)
     parser.add_argument("--train-examples", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser
+
+
+def main() -> None:
+    parser = common_arguments(__doc__, "bench/fastpath.json")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--judge-margin", type=float, default=0.5, help="nats: about twice the largest bf16 margin move on CB/RTE val")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], choices=["training", "scoring"])
-    parser.add_argument("--out", type=Path, default=Path("bench/fastpath.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fp32 = load_backbone(args.model, "cpu", "float32", "sdpa")
