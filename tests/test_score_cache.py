@@ -40,3 +40,14 @@ def test_other_weights_or_dtype_under_the_same_name_miss_the_cache(tokenizer, tm
     key, key16 = score_cache_model_key(backbone), score_cache_model_key(bf16)
     assert (key["dtype"], key16["dtype"]) == ("torch.float32", "torch.bfloat16") and key16["weights"] != key["weights"]
     assert set(key["versions"]) == {"torch", "transformers", "softprompt"} and key["versions"]["torch"] == torch.__version__
+
+
+def test_cached_scores_are_the_scored_ones_bit_for_bit(tokenizer, tmp_path):
+    """A cache that rounded log-probabilities flipped a near-tied RTE prediction between a study and its resumed run."""
+    backbone = model_from_config(TINY_CONFIGS["llama"], tokenizer)
+    items = [encode(tokenizer, e, 64) for e in load_examples(get_task("copa"), "val", FIXTURE_DATA)[:4]]
+    prompt = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    fresh = cached_scores(tmp_path, backbone, {"soft": prompt}, "copa", items, 8, lambda _: None)["soft"]
+    again = cached_scores(tmp_path, backbone, {"soft": prompt}, "copa", items, 8, lambda _: None)["soft"]
+    assert fresh.logprobs.dtype == again.logprobs.dtype
+    assert torch.equal(fresh.logprobs, again.logprobs) and torch.equal(fresh.exact, again.exact)

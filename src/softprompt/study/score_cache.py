@@ -54,7 +54,7 @@ def _load_cached(path: Path, key: dict) -> Scores | None:
 
 
 def _save_cached(path: Path, key: dict, scores: Scores, k: int) -> None:
-    logprobs = [[None if math.isinf(v) else round(v, 5) for v in row] for row in scores.logprobs[k].tolist()]
+    logprobs = [[None if math.isinf(v) else v for v in row] for row in scores.logprobs[k].tolist()]  # exact: a rounded near-tie could flip
     payload = {"key": key, "logprobs": logprobs, "exact": scores.exact[k].tolist(), "labels": scores.labels.tolist(),
                "answer_tokens": scores.answer_tokens.tolist()}
     atomic_write_json(path, payload)
