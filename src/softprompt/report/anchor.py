@@ -13,13 +13,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from softprompt.report.tables import Table, fmt
+from softprompt.train.anchor import weight_text
 
 TITLE = "Readable by construction: the anchor trade-off"
-
-
-def weight_text(weight: float) -> str:
-    """G as the run folder names it (`anchor/<task>-g<G>`): 0, 0.01, 1, 1e-05."""
-    return repr(float(weight)).removesuffix(".0")
 
 
 def _finished(block: dict, task: str) -> list[dict]:

@@ -17,13 +17,13 @@ from softprompt.analysis.statistics import wilson_interval
 from softprompt.backbones.loading import Backbone
 from softprompt.io.runs import RUN_FILE, is_done, load_prompt, read_run
 from softprompt.study.grid import task_key
-from softprompt.train.anchor import anchor_embeddings, anchor_penalty
+from softprompt.train.anchor import anchor_embeddings, anchor_penalty, weight_text
 from softprompt.train.config import TrainConfig
 
 
 def weight_name(weight: float) -> str:
-    """`g<G>` with G as Python's shortest exact float text, less a trailing `.0`: g0, g0.03, g1, g1e-05."""
-    return "g" + repr(float(weight)).removesuffix(".0")
+    """`g<G>`: g0, g0.03, g1, g1e-05."""
+    return "g" + weight_text(weight)
 
 
 def anchor_dir(out_dir: Path, task: str, weight: float) -> Path:

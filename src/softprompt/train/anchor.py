@@ -19,6 +19,11 @@ from softprompt.analysis.interpret import init_token_ids, nearest_tokens_in_mode
 from softprompt.core.prompt import embed_text, from_embedded_text
 
 
+def weight_text(weight: float) -> str:
+    """G as Python's shortest exact float text, less a trailing `.0`: 0, 0.01, 1, 1e-05 (run folders and reports)."""
+    return repr(float(weight)).removesuffix(".0")
+
+
 def check_anchor(weight: float, text: str | None) -> None:
     """Validate `--anchor-weight` and `--anchor-text` (None: the init text, checked where it is chosen).
 
