@@ -24,7 +24,10 @@ class ServeConfig:
     host: str = field(default="127.0.0.1", metadata=flag_help("Address to bind (loopback by default)."))
     port: int = field(default=8000, metadata=flag_help("Port to bind (0: any free port)."))
     max_batch: int = field(default=32, metadata=flag_help("Most rows (inputs x prompts) in one forward."))
-    max_wait_ms: float = field(default=5.0, metadata=flag_help("Longest a request waits for others to share its forward."))
+    # 10 ms, re-tuned with `make bench-serve` (bench/results-serve.json, 2-core AMD EPYC Zen 4): against 5 ms, fp32
+    # (what `auto` serves) gave 1.26x the requests/s at concurrency 8 and 1.16x at 32, the same at 1; bf16 the same
+    # within the repeats' spread. --max-batch 64 bought nothing over 32 (bf16 at 10 ms: 0.78x).
+    max_wait_ms: float = field(default=10.0, metadata=flag_help("Longest a request waits for others to share its forward."))
     max_queue: int = field(default=256, metadata=flag_help("Most requests in flight; past it, 503 with Retry-After."))
     api_key_file: str | None = field(default=None, metadata=flag_help("File holding the API key; then every endpoint but /health needs `Authorization: Bearer KEY`."))
     max_length: int = field(default=256, metadata=flag_help("Longest input (context + longest choice) in tokens, as in evaluate."))
