@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
+import math
 from pathlib import Path
 
 import pytest
 
 from conftest import FIXTURE_DATA
+from softprompt.analysis.statistics import wilson_interval
 from softprompt.train.loop import train
 from tiny_train import tiny_config
 
@@ -26,15 +30,53 @@ def test_first_step_loss_is_the_loss_of_trainings_first_step(tmp_path, tiny_mode
     assert twins.first_step_loss(config, FIXTURE_DATA) == pytest.approx(record["history"][0]["train_loss"], abs=0, rel=1e-6)
 
 
-def test_compare_trains_the_float32_twin_once_and_judges_by_its_interval(tmp_path, tiny_model_dir):
-    config = tiny_config(model=str(tiny_model_dir), epochs=1, max_steps=2)
-    train(config, tmp_path / "study-run", data_dir=FIXTURE_DATA, progress=False)
-    row = twins.compare(config, tmp_path / "study-run", tmp_path / "twin", FIXTURE_DATA)
-    # both runs are fp32 on this tiny model: the twin is the same run, its accuracy inside its own interval
-    assert row["float32_val_accuracy"] == row["val_accuracy"] and row["inside_float32_interval"]
-    assert row["first_step_loss"]["auto"] == row["first_step_loss"]["float32"] and row["first_step_within_tolerance"]
+def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Reference: the 95% Wilson score interval of `successes / n`, in percent, from its textbook formula."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100 * (centre - half), 100 * (centre + half)
+
+
+def set_val_accuracy(run_dir: Path, accuracy: float) -> None:
+    record = json.loads((run_dir / "run.json").read_text())
+    record["val"]["accuracy"] = accuracy
+    (run_dir / "run.json").write_text(json.dumps(record))
+
+
+@pytest.mark.filterwarnings("ignore:--dtype bfloat16 on .* no native bf16 matmul:UserWarning")  # slow, not wrong, on such CPUs
+def test_compare_trains_the_float32_twin_once_and_judges_by_its_interval(tmp_path, tiny_model_dir, monkeypatch):
+    # the study run in bf16 (what auto picks on a native-bf16 CPU; the suite pins auto to fp32): the twin truly differs
+    config = tiny_config(model=str(tiny_model_dir), epochs=1, max_steps=1, dtype="bfloat16")
+    study, twin = tmp_path / "study-run", tmp_path / "twin"
+    ours = train(config, study, data_dir=FIXTURE_DATA, progress=False)
+    row = twins.compare(config, study, twin, FIXTURE_DATA)
+    theirs = json.loads((twin / "run.json").read_text())
+    assert (ours["dtype"], theirs["dtype"], row["dtype"]) == ("bfloat16", "float32", "bfloat16")
+    assert (row["val_accuracy"], row["float32_val_accuracy"]) == (ours["val"]["accuracy"], theirs["val"]["accuracy"])
+    n = theirs["val"]["n"]
+    assert n == row["n"] == 6  # the fixture's CB val split
+    successes = round(theirs["val"]["accuracy"] * n / 100)
+    assert row["float32_interval"] == dataclasses.asdict(wilson_interval(successes, n))
+    low, high = wilson(successes, n)
+    assert (row["float32_interval"]["low"], row["float32_interval"]["high"]) == (pytest.approx(low), pytest.approx(high))
+    # one step each: the first-step losses are the ones each run logged, and bf16 moves them apart
+    losses = row["first_step_loss"]
+    assert losses["auto"] == pytest.approx(ours["history"][0]["train_loss"], abs=0, rel=1e-6)
+    assert losses["float32"] == pytest.approx(theirs["history"][0]["train_loss"], abs=0, rel=1e-6)
+    gap = abs(losses["auto"] - losses["float32"])
+    assert 0 < gap <= twins.FIRST_STEP_TOLERANCE and row["first_step_within_tolerance"]
+
+    mtime = (twin / "prompt.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(twins, "first_step_loss", lambda c, _: losses["float32" if c.dtype == "float32" else "auto"])
+    monkeypatch.setattr(twins, "FIRST_STEP_TOLERANCE", gap / 2)
+    assert not twins.compare(config, study, twin, FIXTURE_DATA)["first_step_within_tolerance"]
+    monkeypatch.setattr(twins, "FIRST_STEP_TOLERANCE", gap * 2)
+    # the verdict reads the study run's val accuracy against the twin's interval, bounds included
     low, high = row["float32_interval"]["low"], row["float32_interval"]["high"]
-    assert 0 <= low < row["val_accuracy"] < high <= 100 or row["val_accuracy"] in (0.0, 100.0)
-    mtime = (tmp_path / "twin" / "prompt.safetensors").stat().st_mtime_ns
-    twins.compare(config, tmp_path / "study-run", tmp_path / "twin", FIXTURE_DATA)
-    assert (tmp_path / "twin" / "prompt.safetensors").stat().st_mtime_ns == mtime  # a finished twin is reused
+    for accuracy, inside in ((low, True), (high, True), ((low + high) / 2, True), (low - 0.01, False), (high + 0.01, False)):
+        set_val_accuracy(study, accuracy)
+        judged = twins.compare(config, study, twin, FIXTURE_DATA)
+        assert (judged["val_accuracy"], judged["inside_float32_interval"]) == (accuracy, inside), accuracy
+        assert judged["float32_interval"] == row["float32_interval"] and judged["first_step_within_tolerance"]
+    assert (twin / "prompt.safetensors").stat().st_mtime_ns == mtime  # a finished twin is reused
