@@ -78,12 +78,33 @@ def test_ffn_activation_rates_equal_a_naive_forward(tiny_backbone):
     assert on[0, 1].item() == pytest.approx(1.0)
 
 
+def naive_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
 def test_similarity_matrices_has_every_measure():
-    prompts = torch.randn(3, 2, 4)
-    out = similarity_matrices(prompts, rates=torch.rand(3, 2, 5))
+    torch.manual_seed(0)
+    prompts = torch.randn(3, 2, 4)  # [N, P, H]
+    # [N, L=2, I=3]: active (> 0.5) neurons A = {0, 1, 3}, B = {0, 4}, C = {} (0.5 itself is not more than half)
+    rates = torch.tensor([[[0.9, 0.6, 0.1], [1.0, 0.5, 0.0]],
+                          [[0.7, 0.2, 0.5], [0.3, 0.8, 0.4]],
+                          [[0.5, 0.0, 0.2], [0.1, 0.5, 0.3]]])
+    out = similarity_matrices(prompts, rates=rates)
     assert set(out) == {"frobenius", "cosine", "average_token_cosine", "per_token_cosine", "neuron_overlap"}
     assert all(m.shape == (3, 3) for m in out.values())
-    assert "neuron_overlap" not in similarity_matrices(prompts)
+    for i, j in ((0, 1), (1, 2), (2, 0), (1, 1)):
+        a, b = prompts[i], prompts[j]
+        squares = [(x - y) ** 2 for x, y in zip(a.flatten().tolist(), b.flatten().tolist())]
+        assert out["frobenius"][i, j].item() == pytest.approx(math.sqrt(sum(squares)), abs=1e-6)
+        assert out["cosine"][i, j].item() == pytest.approx(naive_cosine(a, b), abs=1e-6)
+        assert out["average_token_cosine"][i, j].item() == pytest.approx(naive_cosine(a.mean(0), b.mean(0)), abs=1e-6)
+        pairs = [naive_cosine(a[p], b[q]) for p in range(2) for q in range(2)]
+        assert out["per_token_cosine"][i, j].item() == pytest.approx(sum(pairs) / 4, abs=1e-6)
+    # ON = |A & B| / sqrt(|A| |B|): one shared neuron of 3 and 2; nothing shared with an empty set
+    on = 1 / math.sqrt(6)
+    torch.testing.assert_close(out["neuron_overlap"], torch.tensor([[1.0, on, 0.0], [on, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    without = similarity_matrices(prompts)
+    assert "neuron_overlap" not in without and all(torch.equal(without[k], out[k]) for k in without)
 
 
 def test_rank_predictors_orients_distances_and_ranks_the_best_first():
