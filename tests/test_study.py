@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -18,6 +20,7 @@ from click.testing import CliRunner
 from conftest import FIXTURE_DATA, SHARED_DATA
 from softprompt.cli import app
 from softprompt.eval.scoring import Scores
+from softprompt.io.runs import load_prompt, read_run
 from softprompt.report.html import FIGURES, write_report
 from softprompt.study.pipeline import StudyConfig, run_study
 from softprompt.study.results import accuracy_intervals, task_evaluation
@@ -70,8 +73,12 @@ def test_study_writes_every_file(study_dir):
     for name in ("cb-s0", "cb-s1", "rte-s0", "rte-s1"):
         assert json.loads((study_dir / "runs" / name / "run.json").read_text())["status"] == "done"
         assert (study_dir / "runs" / name / "prompt.safetensors").is_file()
-    for name in ("results.json", "study.json", "report.html", *(f"{t}.csv" for t in TABLES), *(f"{f}.png" for f in FIGURES)):
+    for name in ("results.json", "study.json", "report.html", *(f"{t}.csv" for t in TABLES)):
         assert (study_dir / name).is_file(), name
+    for name in FIGURES:  # a decodable PNG with axes and text (dark pixels) and data in clear colour, not a blank canvas
+        rgb = matplotlib.image.imread(study_dir / f"{name}.png")[..., :3]
+        dark, colourful = int((rgb.min(-1) < 0.5).sum()), int(((rgb.max(-1) - rgb.min(-1)) > 0.25).sum())
+        assert min(rgb.shape[:2]) > 100 and dark > 1000 and colourful > 100, (name, dark, colourful)
     results = json.loads((study_dir / "results.json").read_text())
     assert results["transfer"]["tasks"] == ["cb", "rte"]
     assert len(results["interpret"]) == 4 and all(len(r["rows"]) == 4 for r in results["interpret"].values())
@@ -88,6 +95,106 @@ def test_study_writes_every_file(study_dir):
             record = json.loads((study_dir / "runs" / f"{task}-s{seed}" / "run.json").read_text())
             assert record["data"]["val"] == 5 and record["config"]["max_val_examples"] == 5
             assert record["val"]["accuracy"] == pytest.approx(results["evaluation"][task]["seeds"][str(seed)]["accuracy"])
+
+
+def csv_matrix(path: Path) -> tuple[list[str], dict[str, list[float | None]]]:
+    """A matrix CSV of the report: (column labels, {row label: values}); an empty cell is None (nan in results.json)."""
+    header, *rows = list(csv.reader(path.open()))
+    return header[1:], {row[0]: [float(v) if v else None for v in row[1:]] for row in rows}
+
+
+def frobenius(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.double() - b.double()) ** 2).sum().sqrt())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def test_results_agree_with_the_run_folders_and_the_csvs(study_dir):
+    """similarity, transfer and SPoT recomputed from the saved prompts and run.json files; every matrix CSV is its block."""
+    results = json.loads((study_dir / "results.json").read_text())
+    tasks, sim, transfer, spot = results["tasks"], results["similarity"], results["transfer"], results["spot"]
+    assert tasks == sim["tasks"] == transfer["tasks"] == spot["tasks"] == ["cb", "rte"]
+    assert sim["prompts"] == [transfer["sources"][t] for t in tasks] == ["cb-s0", "rte-s0"]  # seed 0 stands for its task
+    prompts = {name: load_prompt(study_dir / "runs" / name)[0] for name in ("cb-s0", "cb-s1", "rte-s0", "rte-s1")}
+    centroid = {t: (prompts[f"{t}-s0"] + prompts[f"{t}-s1"]) / 2 for t in tasks}
+    measures = sim["measures"]
+    for i, a in enumerate(sim["prompts"]):
+        for j, b in enumerate(sim["prompts"]):
+            pa, pb = prompts[a], prompts[b]
+            assert sim["frobenius"][i][j] == measures["frobenius"][i][j] == pytest.approx(frobenius(pa, pb), rel=1e-6, abs=1e-6)
+            assert sim["cosine"][i][j] == measures["cosine"][i][j] == pytest.approx(cosine(pa, pb), rel=1e-6)
+            assert sim["centroid_frobenius"][i][j] == pytest.approx(frobenius(centroid[tasks[i]], centroid[tasks[j]]), rel=1e-6, abs=1e-6)
+            assert measures["average_token_cosine"][i][j] == pytest.approx(cosine(pa.mean(0), pb.mean(0)), rel=1e-6)
+            rows = [cosine(x, y) for x in pa for y in pb]  # every pair of prompt tokens
+            assert measures["per_token_cosine"][i][j] == pytest.approx(sum(rows) / len(rows), rel=1e-6)
+    assert sim["frobenius"][0][1] > 0 and sim["cosine"][0][1] < 1  # two different prompts, not one compared with itself
+    overlap = measures["neuron_overlap"]
+    assert overlap[0][0] == overlap[1][1] == 1.0 and overlap[0][1] == overlap[1][0] and 0 < overlap[0][1] <= 1
+    assert sim["probe_contexts"] == 4  # probe_examples = 2 per task
+    for key in ("accuracy", "exact_match"):
+        for i, source in enumerate(tasks):
+            for j, target in enumerate(tasks):
+                no_prompt = results["evaluation"][target]["no_prompt"][key]
+                assert transfer[f"gain_{key}"][i][j] == pytest.approx(transfer[key][i][j] - no_prompt, abs=1e-9)
+            # the diagonal is the task's own representative (seed 0), scored as its seed
+            assert transfer[key][i][i] == results["evaluation"][source]["seeds"]["0"][key]
+        # two tasks give two off-diagonal pairs: too few for a correlation, so nan (null) rather than a number
+        assert transfer[f"correlation_{key}"] == {"n_pairs": 2, "spearman": None, "spearman_p": None, "pearson": None, "pearson_p": None}
+    assert spot["steps"] == 2 and spot["missing"] == []
+    for j, target in enumerate(tasks):
+        default = read_run(study_dir / "spot" / f"default__{target}")
+        assert spot["default"][target] == default["val"]["accuracy"] and default["config"]["max_steps"] == 2
+        for i, source in enumerate(tasks):
+            if source == target:
+                assert spot["accuracy"][i][j] is None and spot["gain"][i][j] is None
+                continue
+            record = read_run(study_dir / "spot" / f"{source}__{target}")
+            assert (record["task"], record["config"]["init"], record["config"]["max_steps"]) == (target, "prompt", 2)
+            assert record["config"]["init_from"] == str((study_dir / "runs" / f"{source}-s0").resolve())
+            assert spot["accuracy"][i][j] == record["val"]["accuracy"]
+            assert spot["gain"][i][j] == pytest.approx(record["val"]["accuracy"] - default["val"]["accuracy"], abs=1e-9)
+    matrices = {"similarity": sim["frobenius"], "cosine": sim["cosine"], "similarity_centroids": sim["centroid_frobenius"],
+                **{f"similarity_{m}": measures[m] for m in ("average_token_cosine", "per_token_cosine", "neuron_overlap")},
+                **{f"transfer_{k}": transfer[k] for k in ("accuracy", "gain_accuracy", "exact_match", "gain_exact_match")},
+                "spot_accuracy": spot["accuracy"], "spot_gain": spot["gain"]}
+    for name, matrix in matrices.items():
+        assert csv_matrix(study_dir / f"{name}.csv") == (tasks, dict(zip(tasks, matrix))), name
+    assert csv_matrix(study_dir / "spot_default.csv") == (["val accuracy"], {t: [spot["default"][t]] for t in tasks})
+    assert (study_dir / "correlation.csv").read_text().splitlines() == [
+        "metric,pairs,Spearman,p,Pearson,p", "accuracy,2,,,,", "exact_match,2,,,,"]
+
+
+def test_spot_matrix_reads_each_run_folder_into_its_cell(study_dir, tmp_path):
+    """The tiny study scores 40% everywhere; distinct accuracies written into copies of its SPoT runs pin rows and columns."""
+    from softprompt.study.spot import spot_results
+
+    written = {"default__cb": 10.0, "default__rte": 20.0, "rte__cb": 35.0, "cb__rte": 60.0}
+    for name, accuracy in written.items():
+        shutil.copytree(study_dir / "spot" / name, tmp_path / "spot" / name)
+        record = read_run(tmp_path / "spot" / name)
+        (tmp_path / "spot" / name / "run.json").write_text(json.dumps({**record, "val": {**record["val"], "accuracy": accuracy}}))
+    out = spot_results(["cb", "rte"], 2, tmp_path)
+    assert out["default"] == {"cb": 10.0, "rte": 20.0} and out["missing"] == []
+    assert out["accuracy"][0][1] == 60.0 and out["accuracy"][1][0] == 35.0  # rows: source prompt; columns: target
+    assert out["gain"][0][1] == 40.0 and out["gain"][1][0] == 25.0  # minus the target's own default
+    assert all(math.isnan(out[k][i][i]) for k in ("accuracy", "gain") for i in (0, 1))
+    shutil.rmtree(tmp_path / "spot" / "cb__rte")
+    assert spot_results(["cb", "rte"], 2, tmp_path)["missing"] == ["cb__rte"]
+
+
+def test_transfer_rows_are_sources_and_gains_subtract_the_targets_no_prompt():
+    from softprompt.study.results import transfer
+
+    # scores[target][source run]: cb's prompt scores 70 on cb and 55 on rte; rte's prompt 45 on cb and 80 on rte
+    scores = {"cb": {"cb-s0": {"accuracy": 70.0, "exact_match": 7.0}, "rte-s0": {"accuracy": 45.0, "exact_match": 4.0}},
+              "rte": {"cb-s0": {"accuracy": 55.0, "exact_match": 5.0}, "rte-s0": {"accuracy": 80.0, "exact_match": 8.0}}}
+    evaluation = {"cb": {"no_prompt": {"accuracy": 40.0, "exact_match": 1.0}}, "rte": {"no_prompt": {"accuracy": 60.0, "exact_match": 4.0}}}
+    out = transfer(["cb", "rte"], {"cb": "cb-s0", "rte": "rte-s0"}, scores, evaluation)
+    assert out["accuracy"] == [[70.0, 55.0], [45.0, 80.0]] and out["gain_accuracy"] == [[30.0, -5.0], [5.0, 20.0]]
+    assert out["exact_match"] == [[7.0, 5.0], [4.0, 8.0]] and out["gain_exact_match"] == [[6.0, 1.0], [3.0, 4.0]]
 
 
 def test_report_embeds_every_figure(study_dir):
