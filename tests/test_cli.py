@@ -6,13 +6,20 @@ import json
 from dataclasses import fields
 
 import pytest
+import torch
 from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_CONFIGS
 from factories import model_from_config
+from naive import naive_logprobs
 from softprompt.cli import app
-from softprompt.io.runs import PROMPT_FILE, RUN_FILE
-from softprompt.train.config import TrainConfig
+from softprompt.data.batch import encode
+from softprompt.backbones.loading import load_backbone
+from softprompt.io.runs import PROMPT_FILE, RUN_FILE, load_prompt
+from softprompt.tasks.registry import TASKS, get_task, load_examples
+from softprompt.train.config import TrainConfig, config_from_run
+from softprompt.train.loop import initial_prompt
 
 TINY_TRAIN = ["--num-tokens", "4", "--epochs", "1", "--min-dev-examples", "6", "--device", "cpu"]
 
@@ -127,6 +134,23 @@ def test_evaluate_without_a_soft_prompt(flag, mode, tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
     assert metrics["mode"] == mode and metrics["n"] == 8 and "prompt" not in metrics
+    # the loss is the naive one of that prompt: RTE's text prompt as token embeddings before each example, or nothing
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager"), AutoTokenizer.from_pretrained(tiny_model_dir)
+    task = get_task("rte")
+    items = [encode(tokenizer, e, 256) for e in load_examples(task, "val", FIXTURE_DATA)]
+    with torch.no_grad():
+        text = model.get_input_embeddings()(torch.tensor(tokenizer(task.init_text, add_special_tokens=False)["input_ids"]))
+    losses = {m: naive_loss(model, prompt, items) for m, prompt in (("none", None), ("text", text))}
+    assert metrics["loss"] == pytest.approx(losses[mode], abs=1e-5)  # fp32: 2e-7 apart
+    # on this random model the text prompt moves the loss by 6e-4: far more than the tolerance, so the modes are told apart
+    assert abs(losses["text"] - losses["none"]) > 1e-4
+
+
+def naive_loss(model, prompt, items) -> float:
+    """Mean cross-entropy per right-answer token, from one plain forward per choice (tests/naive.py)."""
+    logprobs = naive_logprobs(model, prompt, items)  # [E, C]
+    right = sum(float(logprobs[e, item.label]) for e, item in enumerate(items))
+    return -right / sum(len(item.choices[item.label]) for item in items)
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +178,18 @@ def test_train_divergence_exits_3_and_records_it(wide_gpt2_dir, tmp_path):
     assert result.exit_code == 3
     assert "training stopped: loss is nan" in result.output
     assert json.loads((out / RUN_FILE).read_text())["status"] == "diverged"
-    assert (out / PROMPT_FILE).is_file()
+    # the last good prompt is the init (no epoch finished): the one `initial_prompt` makes for this run's config
+    config = config_from_run(out)
+    backbone = load_backbone(str(wide_gpt2_dir), device="cpu")
+    init = initial_prompt(backbone, TASKS["cb"], config, torch.Generator().manual_seed(config.seed))
+    prompt, _ = load_prompt(out)
+    assert torch.isfinite(prompt).all() and torch.equal(prompt, init)
 
 
 def test_train_spot_flags_end_to_end(trained_run, tiny_model_dir, tmp_path):
     """The README's SPoT command: --init prompt --init-from RUN, --optimizer adafactor, --snapshot-every,
     --max-dev-examples and --max-val-examples reach the run, and epoch 0's snapshot is the source prompt."""
     from conftest import FIXTURE_DATA
-    from softprompt.io.runs import load_prompt
 
     _, source = trained_run
     out = tmp_path / "rte-from-cb"

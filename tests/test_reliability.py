@@ -106,6 +106,8 @@ def test_safetensors_whose_header_length_looks_like_a_pickle_still_loads(tmp_pat
         data = st_save({"prompt": torch.ones(2, 3)}, metadata={"pad": "x" * pad})
         if data.startswith(b"\x80\x02"):
             break
+    assert data[:8] == (0x280).to_bytes(8, "little")  # the loop found it: not an ordinary file's round trip
+    assert data[:2] == pickle.PROTO + bytes([2])  # what a protocol-2 pickle starts with
     path.write_bytes(data)
     prompt, _ = load_prompt(path)
     assert torch.equal(prompt, torch.ones(2, 3))
@@ -294,6 +296,8 @@ def test_disk_full_during_training_keeps_the_last_checkpoint(tmp_path, tiny_mode
     def replace(src, dst):
         if Path(dst).name == CHECKPOINT_FILE:
             checkpoints["n"] += 1
+            if checkpoints["n"] == 2:
+                checkpoints["second"] = Path(src).read_bytes()  # the whole file, as it goes into place
             if checkpoints["n"] == 3:
                 fail_with_enospc()
         return real_replace(src, dst)
@@ -307,7 +311,8 @@ def test_disk_full_during_training_keeps_the_last_checkpoint(tmp_path, tiny_mode
     assert result.exit_code == 2, result.output
     assert f"cannot write {out / CHECKPOINT_FILE}: No space left on device" in result.output
     _, state = load_checkpoint(out / CHECKPOINT_FILE)
-    assert state["step"] == 2  # the second checkpoint, intact
+    assert state["step"] == 2  # the second checkpoint, intact: byte for byte the file written at step 2
+    assert (out / CHECKPOINT_FILE).read_bytes() == checkpoints["second"]
     assert not list(out.glob(".*.tmp"))
     resumed = CliRunner().invoke(app, ["train", "--resume", str(out)])  # space freed: carry on
     assert resumed.exit_code == 0, resumed.output
@@ -372,15 +377,29 @@ def test_missing_or_malformed_flags_exit_2(args, message):
     assert result.exit_code == 2 and message in result.output
 
 
-def test_ctrl_c_tells_how_to_resume(tmp_path, tiny_model_dir, monkeypatch):
-    crash_after_forward(monkeypatch, 4)  # KeyboardInterrupt, as Ctrl-C raises it
-    out = tmp_path / "run"
-    args = ["train", "--task", "cb", "--model", str(tiny_model_dir), "--data-dir", str(FIXTURE_DATA), "--min-dev-examples", "4",
+def one_epoch_args(tiny_model_dir: Path, out: Path) -> list[str]:
+    """`softprompt train` for one epoch of the fixture's CB rows (5 steps), a checkpoint at every step."""
+    return ["train", "--task", "cb", "--model", str(tiny_model_dir), "--data-dir", str(FIXTURE_DATA), "--min-dev-examples", "4",
             "--batch-size", "4", "--num-tokens", "4", "--max-length", "64", "--device", "cpu", "--epochs", "1",
             "--checkpoint-every", "1", "--out", str(out)]
-    result = CliRunner().invoke(app, args)
+
+
+@pytest.fixture(scope="module")
+def one_epoch_reference(tiny_model_dir, tmp_path_factory) -> Path:
+    """`one_epoch_args` run uninterrupted: what an interrupted and resumed run must end with."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = CliRunner().invoke(app, one_epoch_args(tiny_model_dir, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_ctrl_c_tells_how_to_resume(tmp_path, tiny_model_dir, one_epoch_reference, monkeypatch):
+    crash_after_forward(monkeypatch, 4)  # KeyboardInterrupt, as Ctrl-C raises it
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, one_epoch_args(tiny_model_dir, out))
     assert result.exit_code == 130
     assert f"interrupted; continue from the last checkpoint with: softprompt train --resume {out}" in result.output
     monkeypatch.undo()
     assert CliRunner().invoke(app, ["train", "--resume", str(out)]).exit_code == 0
     assert read_run(out)["resumed_at_step"] == [3]
+    assert torch.equal(load_prompt(out)[0], load_prompt(one_epoch_reference)[0])  # as if never interrupted

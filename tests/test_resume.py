@@ -240,12 +240,15 @@ def test_fresh_train_refuses_to_overwrite_a_run(tiny_model_dir, backbone, crashe
     assert (crashed_run / RUN_FILE).read_bytes() == before
 
 
-def test_resume_may_change_checkpoint_every(tiny_model_dir, crashed_run, tmp_path, monkeypatch):
+def test_resume_may_change_checkpoint_every(tiny_model_dir, crashed_run, reference, tmp_path, monkeypatch):
     # $SOFTPROMPT_DATA_DIR pointing elsewhere (as `make test` sets it) must not replace the run's own data
     monkeypatch.setenv("SOFTPROMPT_DATA_DIR", str(tmp_path))
     result = run_cli("--resume", str(crashed_run), "--checkpoint-every", "100")
     assert result.exit_code == 0, result.output
     assert read_run(crashed_run)["status"] == "done"
+    # the checkpoint schedule changes nothing: the crashed run (the reference's config) ends where the reference did
+    assert torch.equal(final_prompt(crashed_run), final_prompt(reference))
+    assert deterministic_history(crashed_run) == deterministic_history(reference)
 
 
 def test_resume_needs_a_run_folder(tmp_path):

@@ -76,11 +76,14 @@ def test_nothing_to_select_is_an_error():
         search.select([])
 
 
-def test_cli_states_the_budget_flag():
+def test_cli_states_the_budget_flag(capsys):
     args = search.parse_args(["--task", "cb", "--budget-steps", "2000", "--epochs-patience", "12:4", "50:5"])
     assert (args.budget_steps, args.epochs_patience, args.results) == (2000, [(12, 4), (50, 5)], search.RESULTS_DIR)
-    with pytest.raises(SystemExit):
-        search.parse_args(["--task", "cb"])  # no budget: refused
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        search.parse_args(["--task", "cb"])  # no budget: refused, as a usage error naming the flag
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --budget-steps" in capsys.readouterr().err
 
 
 def test_a_tiny_search_keeps_only_dev_numbers(tiny_backbone, data_dir, tmp_path):

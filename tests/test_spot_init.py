@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from softprompt.io.peft import export_peft
-from softprompt.io.runs import load_prompt
+from softprompt.io.runs import CHECKPOINT_FILE, RunWriter, load_checkpoint, load_prompt
 from softprompt.tasks.registry import TASKS
 from softprompt.train.config import TrainConfig
 from softprompt.train.loop import initial_prompt, train
@@ -60,12 +60,22 @@ def test_config_errors_name_the_flag(overrides, message):
         TrainConfig(task="cb", **overrides)
 
 
-def test_adafactor_trains_the_prompt_only(tiny_backbone, data_dir, tmp_path):
+def test_adafactor_trains_the_prompt_only(tiny_backbone, data_dir, tmp_path, monkeypatch):
     before = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
-    record = run_tiny(tiny_backbone, tmp_path, data_dir, optimizer="adafactor", init="random", epochs=2)
+    monkeypatch.setattr(RunWriter, "remove_checkpoint", lambda self: None)  # keep the last checkpoint to read its moments
+    record = run_tiny(tiny_backbone, tmp_path / "adafactor", data_dir, optimizer="adafactor", init="random", epochs=2)
     assert record["status"] == "done" and record["steps"] == 6
     assert record["history"][1]["train_loss"] < record["history"][0]["train_loss"]
     assert all(torch.equal(before[k], v) for k, v in tiny_backbone.model.state_dict().items())
+    # Adafactor's factored second moment of the [4, 16] prompt (a row and a column), no first moment (beta1 None)
+    moments, _ = load_checkpoint(tmp_path / "adafactor" / CHECKPOINT_FILE)
+    assert sorted(k for k in moments if k.startswith("optimizer.")) == [
+        "optimizer.RMS", "optimizer.exp_avg_sq_col", "optimizer.exp_avg_sq_row", "optimizer.step"]
+    assert moments["optimizer.exp_avg_sq_row"].shape == (4,) and moments["optimizer.exp_avg_sq_col"].shape == (16,)
+    assert moments["optimizer.step"].item() == 6
+    # and the optimizer named is the one that ran: AdamW from the same start ends elsewhere
+    run_tiny(tiny_backbone, tmp_path / "adamw", data_dir, optimizer="adamw", init="random", epochs=2)
+    assert not torch.equal(load_prompt(tmp_path / "adafactor")[0], load_prompt(tmp_path / "adamw")[0])
 
 
 def test_snapshots_every_n_epochs(tiny_backbone, data_dir, tmp_path):
