@@ -133,11 +133,12 @@ def crash_on_forward(monkeypatch, n: int) -> None:
     fail_at_loss_step(monkeypatch, n, Crash(f"crash at forward {n}"))
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2], ids=["accum1", "accum2"])
-def test_resume_in_process_after_crash_matches_uninterrupted(tiny_model_dir, backbone, reference, tmp_path, monkeypatch, grad_accum):
-    config = config_for(tiny_model_dir, checkpoint_every=2, grad_accum=grad_accum)
+@pytest.mark.parametrize("grad_accum, optimizer", [(1, "adamw"), (2, "adamw"), (1, "adafactor")], ids=["accum1", "accum2", "adafactor"])
+def test_resume_in_process_after_crash_matches_uninterrupted(tiny_model_dir, backbone, reference, tmp_path, monkeypatch, grad_accum, optimizer):
+    # Adafactor keeps other state (factored second moments, RMS, its own step count) that must come back too.
+    config = config_for(tiny_model_dir, checkpoint_every=2, grad_accum=grad_accum, optimizer=optimizer)
     uninterrupted = reference  # checkpointing every step there, every 2 here: the schedule changes nothing
-    if grad_accum != 1:
+    if (grad_accum, optimizer) != (1, "adamw"):
         uninterrupted = tmp_path / "uninterrupted"
         train(config, uninterrupted, backbone=backbone, data_dir=FIXTURE_DATA, progress=False)
 
