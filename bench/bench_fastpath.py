@@ -53,7 +53,8 @@ def judged(bf16: Backbone, fp32: Backbone, prompt: torch.Tensor, items: list, ma
     near = ((top[:, 0] - top[:, 1]) <= margin).nonzero().flatten().tolist()
     if near:
         again = score(fp32, prompt, [items[i] for i in near], 32)
-        scores.logprobs[:, near, : again.logprobs.shape[-1]] = again.logprobs
+        with torch.inference_mode():  # `score` returns inference tensors: updated in place only in that mode
+            scores.logprobs[:, near, : again.logprobs.shape[-1]] = again.logprobs
     return scores
 
 
