@@ -530,11 +530,14 @@ def test_paper_toml_encodes_the_papers_protocol():
     assert sorted(config.tasks) == sorted(PAPER_PROTOCOL["tasks"]) == ["cb", "copa", "rte", "wsc"]
     assert config.tasks[-1] == "rte"  # the costliest runs last, so a study stopped halfway has the others
     assert len(config.seeds) == PAPER_PROTOCOL["seeds"] == 4
+    rte_subsample = config.train_config("rte", 0).max_train_examples
     for task in config.tasks:
         run = config.train_config(task, 0)
         assert (run.epochs, run.patience, run.num_tokens, run.max_val_examples) == (50, 5, 20, None)  # whole val splits
-        assert run.max_train_examples == (512 if task == "rte" else None)  # RTE on the subsample its comment states
-    assert "subsample of 512" in (Path(__file__).resolve().parents[1] / "studies" / "paper.toml").read_text()
+        assert run.max_train_examples == (rte_subsample if task == "rte" else None)  # only RTE subsampled
+    assert rte_subsample is not None and rte_subsample < 2241  # a subsample of RTE's train after its dev slice
+    # the comment states the subsample the config sets
+    assert f"subsample of {rte_subsample} of its 2,241" in (Path(__file__).resolve().parents[1] / "studies" / "paper.toml").read_text()
     assert PAPER_TABLE1 == {"cb": (119.2, 1.31), "rte": (107.7, 3.5), "copa": (111.2, 38.5), "wsc": (135.3, 3.8)}
 
 
