@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from softprompt.analysis.statistics import wilson_interval
-from softprompt.backbones.loading import load_backbone
+from softprompt.backbones.loading import Backbone, load_backbone
 from softprompt.data.batch import bucketed_batches
 from softprompt.io.runs import atomic_write_json, is_done, provenance, read_run
 from softprompt.study.config import StudyConfig
@@ -32,23 +32,31 @@ from softprompt.train.loop import set_up, step_loss, train
 FIRST_STEP_TOLERANCE = 0.05
 
 
-def first_step_loss(config: TrainConfig, data_dir: str | None) -> float:
+def first_step_loss(config: TrainConfig, data_dir: str | None, backbone: Backbone | None = None) -> float:
     """The loss `train` computes on its first step: the same set-up, generator and first batch, in a scratch folder."""
     with tempfile.TemporaryDirectory() as scratch:
-        run = set_up(config, Path(scratch) / "run", None, data_dir, resume=False)
+        run = set_up(config, Path(scratch) / "run", backbone, data_dir, resume=False)
         first = bucketed_batches(run.train_items, config.batch_size, run.generator)[0]
         loss, _ = step_loss(run, [run.train_items[i] for i in first], run.backbone.tokenizer.pad_token_id, config.anchor_weight)
         return float(loss.detach())
 
 
-def compare(config: TrainConfig, study_run: Path, twin_dir: Path, data_dir: str | None) -> dict:
+def load_backbones(config: TrainConfig) -> dict[str, Backbone]:
+    """The study run's backbone (its dtype) and the fp32 twin's, each loaded once for every comparison."""
+    return {"auto": load_backbone(config.model, config.device, config.dtype, config.attention),
+            "float32": load_backbone(config.model, config.device, "float32", config.attention)}
+
+
+def compare(config: TrainConfig, study_run: Path, twin_dir: Path, data_dir: str | None, backbones: dict[str, Backbone] | None = None) -> dict:
+    """One study run against its fp32 twin (trained here unless finished); `backbones` from `load_backbones` (default: loaded here)."""
     twin_config = dataclasses.replace(config, dtype="float32")
+    backbones = backbones or load_backbones(config)
     if not is_done(twin_dir):
-        train(twin_config, twin_dir, data_dir=data_dir, progress=False, resume=(twin_dir / "run.json").is_file())
+        train(twin_config, twin_dir, backbones["float32"], data_dir=data_dir, progress=False, resume=(twin_dir / "run.json").is_file())
     ours, twin = read_run(study_run), read_run(twin_dir)
     n = twin["val"]["n"]
     interval = wilson_interval(round(twin["val"]["accuracy"] * n / 100), n)
-    losses = {"auto": first_step_loss(config, data_dir), "float32": first_step_loss(twin_config, data_dir)}
+    losses = {"auto": first_step_loss(config, data_dir, backbones["auto"]), "float32": first_step_loss(twin_config, data_dir, backbones["float32"])}
     inside = interval.low <= ours["val"]["accuracy"] <= interval.high
     close = abs(losses["auto"] - losses["float32"]) <= FIRST_STEP_TOLERANCE
     return {"run": study_run.name, "dtype": ours["dtype"], "val_accuracy": ours["val"]["accuracy"], "n": n,
@@ -67,12 +75,12 @@ def main() -> int:
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
     config = StudyConfig.from_toml(args.config)
-    load_backbone(config.model, "cpu")  # fail early on a missing model
+    backbones = load_backbones(config.train_config(args.tasks[0], config.seeds[0]))  # shared keys: one backbone per dtype for all
     rows = []
     for task in args.tasks:
         for seed in config.seeds:
             row = compare(config.train_config(task, seed), args.study / "runs" / run_name(task, seed),
-                          args.out / f"{run_name(task, seed)}-float32", args.data_dir)
+                          args.out / f"{run_name(task, seed)}-float32", args.data_dir, backbones)
             rows.append(row)
             print(f"{row['run']}: {row['dtype']} val {row['val_accuracy']:.1f}, float32 twin {row['float32_val_accuracy']:.1f} "
                   f"[{row['float32_interval']['low']:.1f}, {row['float32_interval']['high']:.1f}] inside: {row['inside_float32_interval']}; "

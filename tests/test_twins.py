@@ -68,7 +68,7 @@ def test_compare_trains_the_float32_twin_once_and_judges_by_its_interval(tmp_pat
     assert 0 < gap <= twins.FIRST_STEP_TOLERANCE and row["first_step_within_tolerance"]
 
     mtime = (twin / "prompt.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr(twins, "first_step_loss", lambda c, _: losses["float32" if c.dtype == "float32" else "auto"])
+    monkeypatch.setattr(twins, "first_step_loss", lambda c, *_: losses["float32" if c.dtype == "float32" else "auto"])
     monkeypatch.setattr(twins, "FIRST_STEP_TOLERANCE", gap / 2)
     assert not twins.compare(config, study, twin, FIXTURE_DATA)["first_step_within_tolerance"]
     monkeypatch.setattr(twins, "FIRST_STEP_TOLERANCE", gap * 2)
@@ -80,3 +80,31 @@ def test_compare_trains_the_float32_twin_once_and_judges_by_its_interval(tmp_pat
         assert (judged["val_accuracy"], judged["inside_float32_interval"]) == (accuracy, inside), accuracy
         assert judged["float32_interval"] == row["float32_interval"] and judged["first_step_within_tolerance"]
     assert (twin / "prompt.safetensors").stat().st_mtime_ns == mtime  # a finished twin is reused
+
+
+@pytest.mark.filterwarnings("ignore:--dtype bfloat16 on .* no native bf16 matmul:UserWarning")
+def test_main_trains_twins_through_its_cli_loading_each_dtype_once(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    toml = tmp_path / "study.toml"
+    toml.write_text(f'''tasks = ["cb"]\nseeds = [0, 1]\nmodel = "{tiny_model_dir}"\ndtype = "bfloat16"\nnum_tokens = 4\n'''
+                    "epochs = 1\nmax_steps = 1\nbatch_size = 4\nmin_dev_examples = 4\nmax_length = 64\ndevice = \"cpu\"\n")
+    from softprompt.study.config import StudyConfig
+
+    config = StudyConfig.from_toml(toml)
+    for seed in config.seeds:
+        train(config.train_config("cb", seed), tmp_path / "study" / "runs" / f"cb-s{seed}", data_dir=FIXTURE_DATA, progress=False)
+    loads = []
+    real_load = twins.load_backbone
+    monkeypatch.setattr(twins, "load_backbone", lambda *a, **k: loads.append(a[2]) or real_load(*a, **k))
+    argv = ["twins.py", str(toml), str(tmp_path / "study"), "--tasks", "cb", "--out", str(tmp_path / "twins"), "--data-dir", str(FIXTURE_DATA)]
+    monkeypatch.setattr("sys.argv", argv)
+    status = twins.main()
+    assert loads == ["bfloat16", "float32"]  # one backbone per dtype for both seeds' comparisons
+    report = json.loads((tmp_path / "twins" / "twins.json").read_text())
+    assert [row["run"] for row in report["runs"]] == ["cb-s0", "cb-s1"]
+    for row, seed in zip(report["runs"], config.seeds):
+        twin = json.loads((tmp_path / "twins" / f"cb-s{seed}-float32" / "run.json").read_text())
+        assert (twin["dtype"], row["float32_val_accuracy"]) == ("float32", twin["val"]["accuracy"])
+    verdicts = [row["inside_float32_interval"] and row["first_step_within_tolerance"] for row in report["runs"]]
+    assert status == (0 if all(verdicts) else 1)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["cb-s0", "cb-s1"] and "bfloat16 val" in lines[0]
