@@ -23,15 +23,12 @@ from softprompt.backbones.fastpath import cpu_hardware
 from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
 from softprompt.core.prompt import embed_text, from_embedded_text
 from softprompt.data.batch import encode
-from softprompt.eval.scoring import JUDGE_MARGIN, score
+from softprompt.eval.scoring import score
 from softprompt.io.sources import load_prompt_source
-
-try:
-    from softprompt.tasks.registry import get_task, load_examples
-except ImportError:  # before the tasks module's rename
-    from softprompt.tasks.registry import get_task, load_examples
+from softprompt.tasks.registry import get_task, load_examples
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"
+JUDGE_MARGIN = 0.5  # nats: about twice the largest bf16 margin move on CB/RTE val (bench/parity.json); bench_fastpath's default too
 
 
 def top_two_margin(logprobs: torch.Tensor) -> torch.Tensor:
@@ -88,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fp32 = load_backbone(args.model, "cpu", "float32")
-    bf16 = load_backbone(args.model, "cpu", "bfloat16", judge_in_float32=False)  # raw bf16: the judging is measured here
+    bf16 = load_backbone(args.model, "cpu", "bfloat16", score_in_float32=False)  # raw bf16: the judging is measured here
     trained = dict(item.split("=", 1) for item in args.prompt)
     results = {"cpu": cpu_hardware().to_json(), "threads": args.threads, "model": args.model, "bound": args.bound,
                "attention": {"float32": fp32.model.config._attn_implementation, "bfloat16": bf16.model.config._attn_implementation},
