@@ -37,6 +37,7 @@ from softprompt.tasks.registry import get_task, load_examples
 from softprompt.train.loop import loss_step
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"
+JUDGE_MARGIN = 0.5  # nats: about twice the largest bf16 margin move on CB/RTE val (bench/parity.json)
 VARIANTS = [("float32", "sdpa"), ("float32", "eager"), ("bfloat16", "sdpa"), ("bfloat16", "eager")]
 
 
@@ -152,7 +153,7 @@ def common_arguments(description: str, out: str) -> argparse.ArgumentParser:
 def main() -> None:
     parser = common_arguments(__doc__, "bench/fastpath.json")
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--judge-margin", type=float, default=0.5, help="nats: about twice the largest bf16 margin move on CB/RTE val")
+    parser.add_argument("--judge-margin", type=float, default=JUDGE_MARGIN, help="nats: about twice the largest bf16 margin move on CB/RTE val")
     parser.add_argument("--skip", nargs="*", default=[], choices=["training", "scoring"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

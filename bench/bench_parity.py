@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bench_fastpath import JUDGE_MARGIN  # the margin bench_fastpath judges within (bench/ is on sys.path)
 from softprompt.backbones.fastpath import cpu_hardware
 from softprompt.backbones.loading import DEFAULT_MODEL, load_backbone
 from softprompt.core.prompt import embed_text, from_embedded_text
@@ -28,7 +29,6 @@ from softprompt.io.sources import load_prompt_source
 from softprompt.tasks.registry import get_task, load_examples
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"
-JUDGE_MARGIN = 0.5  # nats: about twice the largest bf16 margin move on CB/RTE val (bench/parity.json); bench_fastpath's default too
 
 
 def top_two_margin(logprobs: torch.Tensor) -> torch.Tensor:
